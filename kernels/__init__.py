@@ -1,0 +1,1 @@
+"""Triton kernels for patchdpo_fast (installed as ``patchdpo_fast.kernels``)."""

@@ -1,0 +1,33 @@
+"""The ``patchdpo`` command line: ``patchdpo <command> [options]``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main"]
+
+#: command -> (module with a ``main(argv)`` function, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ops-demo": ("patchdpo_fast.ops_demo", "compare the fused Triton losses with the PyTorch reference"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``patchdpo <command>`` to the command's module; the module is imported only when used."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: patchdpo <command> [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<14} {help_text}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"patchdpo: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
