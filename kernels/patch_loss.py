@@ -5,8 +5,9 @@ Three kernels (DESIGN.md section 3):
 1. ``_patch_loss_fwd_kernel``: one pass over ``pred``, ``target`` (and ``ref_pred``) that reduces each tile of a
    sample straight to fp32 partial sums: ``sum w*(pred-target)^2``, ``sum (pred-target)^2`` and
    ``sum w*((pred-target)^2 - (ref_pred-target)^2)`` (the model-minus-reference error, accumulated as
-   ``(pred-ref_pred)*(pred+ref_pred-2*target)`` so that it does not cancel when the two models are close). The patch weight of an element is gathered from the small ``(N, h, w)`` map by
-   integer division of its coordinates; no squared-error tensor and no upsampled weight map exist.
+   ``(pred-ref_pred)*(pred+ref_pred-2*target)`` so that it does not cancel when the two models are close).
+   The patch weight of an element is gathered from the small ``(N, h, w)`` map by integer division of its
+   coordinates; no squared-error tensor and no upsampled weight map exist.
 2. ``_patch_loss_epilogue_kernel``: a single program that finishes the per-sample sums and computes the pair
    log-ratio, the logsigmoid loss, the implicit accuracy and the per-sample backward coefficients.
 3. ``_patch_loss_bwd_kernel``: one pass writing ``grad_pred = grad_output * coef_i * w_i,p * 2 (pred - target) /
