@@ -1,0 +1,439 @@
+"""Build the IP-Adapter-Plus / SDXL model bundle that PatchDPO training needs, tiny or pretrained.
+
+:func:`build_models` returns a :class:`PatchDPOModels` with the frozen encoders, the noise scheduler and an
+:class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet` (frozen UNet + trainable adapter + frozen reference
+adapter). Nothing downloads: pretrained components load from local folders with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .ip_adapter import IPAdapterUNet, read_ip_adapter_file
+from .resampler import Resampler, resampler_config_from_state_dict
+from .tiny import TINY_RESAMPLER, build_tiny_components
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "PatchDPOModels", "build_models"]
+
+CLIP_IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+PRETRAINED_SUBFOLDERS: tuple[str, ...] = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+)
+
+
+@dataclass
+class PatchDPOModels:
+    """Everything the PatchDPO training loop needs from the model side.
+
+    Frozen: ``vae`` (always fp32), ``text_encoder``, ``text_encoder_2``, ``image_encoder`` and the UNet inside
+    ``ip_unet``. Trainable: the IP K/V projections (and the resampler when ``ip_unet.train_resampler``).
+    Wrap ``ip_unet`` for distributed training and call it with :meth:`predict_noise`'s arguments.
+    """
+
+    ip_unet: IPAdapterUNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    image_encoder: CLIPVisionModelWithProjection
+    noise_scheduler: DDPMScheduler
+    image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
+    image_std: tuple[float, float, float] = CLIP_IMAGE_STD
+    weight_dtype: torch.dtype = torch.float32
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        """The frozen UNet (with the IP processors installed)."""
+        return self.ip_unet.unet
+
+    @property
+    def image_proj(self) -> Resampler:
+        """The (policy) resampler."""
+        return self.ip_unet.image_proj
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the UNet."""
+        return self.unet.conv_in.weight.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixel-to-latent downsampling factor (8 for SDXL and for the tiny VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def num_ip_tokens(self) -> int:
+        """Number of image-prompt tokens."""
+        return self.ip_unet.num_ip_tokens
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution of the CLIP image encoder."""
+        return int(self.image_encoder.config.image_size)
+
+    # ------------------------------------------------------------------ encoders (no gradients)
+    @torch.no_grad()
+    def encode_images(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
+        """VAE-encode images in ``[-1, 1]``, ``(B, 3, H, W)`` -> scaled latents ``(B, 4, H/8, W/8)`` (fp32).
+
+        The VAE runs in fp32. ``sample`` draws from the posterior (as SDXL training does); ``False`` takes its mode.
+        """
+        vae_param = self.vae.encoder.conv_in.weight
+        dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode_images`: scaled latents -> images in ``[-1, 1]`` (fp32)."""
+        vae_param = self.vae.decoder.conv_in.weight
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(vae_param.device, vae_param.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents).sample.float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL text conditioning for a list of prompts.
+
+        Returns:
+            ``prompt_embeds`` ``(B, 77, C1 + C2)``: penultimate hidden states of both text encoders, concatenated;
+            ``pooled_prompt_embeds`` ``(B, P)``: the projected pooled output of ``text_encoder_2``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        hidden: list[torch.Tensor] = []
+        pooled = None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def add_time_ids(
+        self,
+        batch: int,
+        resolution: int | tuple[int, int],
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning ``(batch, 6)``: ``original_size + crop_top_left + target_size`` (fp32)."""
+        target = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        original = target if original_size is None else tuple(original_size)
+        ids = torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32, device=self.device)
+        return ids.unsqueeze(0).repeat(batch, 1)
+
+    @torch.no_grad()
+    def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP image features of reference images in ``[0, 1]`` ``(B, 3, H, W)``, as IP-Adapter-Plus uses them.
+
+        Resizes the shorter side to the encoder's image size (bicubic, antialiased), center-crops, normalizes with
+        the CLIP mean/std and returns the penultimate hidden states ``(B, 1 + patches, hidden)``.
+        """
+        size = self.image_size
+        param = self.image_encoder.vision_model.embeddings.patch_embedding.weight
+        x = pixels.to(param.device, torch.float32)
+        h, w = x.shape[-2:]
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (new_h - size) // 2, (new_w - size) // 2
+            x = x[..., top : top + size, left : left + size]
+        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
+        x = ((x.clamp(0, 1) - mean) / std).to(param.dtype)
+        return self.image_encoder(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+
+    # ------------------------------------------------------------------ denoiser
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        use_reference: bool | None = None,
+    ) -> torch.Tensor:
+        """Noise prediction of the policy adapter, or of the frozen reference adapter (no gradients).
+
+        ``use_reference=None`` follows :meth:`reference_mode` (policy outside it). See :meth:`IPAdapterUNet.forward`
+        for shapes.
+        """
+        return self.ip_unet(
+            noisy_latents,
+            timesteps,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            time_ids,
+            image_features,
+            use_reference=use_reference,
+        )
+
+    # ------------------------------------------------------------------ training helpers
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters to optimize (IP K/V projections, plus the resampler if it trains)."""
+        return self.ip_unet.trainable_parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing in the UNet."""
+        self.ip_unet.enable_gradient_checkpointing()
+
+    def reference_mode(self, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Context manager switching every forward to the frozen reference adapter."""
+        return self.ip_unet.reference_mode(enabled)
+
+    def sync_reference(self) -> None:
+        """Copy the current policy adapter into the reference adapter."""
+        self.ip_unet.sync_reference()
+
+    def set_attention_backend(self, backend: str, xformers_fallback: bool = True) -> str:
+        """Switch the UNet's attention backend (``sdpa``/``xformers``/``eager``); returns the backend in use."""
+        return self.ip_unet.set_attention_backend(backend, xformers_fallback)
+
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the policy adapter as a stock-diffusers-loadable IP-Adapter-Plus safetensors file."""
+        return self.ip_unet.export_ip_adapter(path, dtype=dtype)
+
+    def load_ip_adapter_weights(self, path: str | os.PathLike, update_reference: bool = True) -> None:
+        """Load an IP-Adapter-Plus file (``.safetensors`` or official ``.bin``) into the adapter."""
+        self.ip_unet.load_ip_adapter_weights(path, update_reference=update_reference)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter training checkpoint (policy + reference tensors)."""
+        return self.ip_unet.adapter_state_dict()
+
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load :meth:`adapter_state_dict` output."""
+        self.ip_unet.load_adapter_state_dict(state_dict, strict=strict)
+
+    def to(self, device: str | torch.device) -> PatchDPOModels:
+        """Move every module to ``device`` (dtypes unchanged); returns ``self``."""
+        for module in (self.ip_unet, self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder):
+            module.to(device)
+        return self
+
+
+# ---------------------------------------------------------------------- construction helpers
+def _transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56.0") else "torch_dtype"
+    return {key: dtype}
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path} (nothing is downloaded; pass a local folder)")
+    return path
+
+
+def _pretrained_components(
+    pretrained_model_path: str | os.PathLike,
+    image_encoder_path: str | os.PathLike,
+    weight_dtype: torch.dtype,
+    variant: str | None,
+    vae_path: str | os.PathLike | None,
+):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    root = _require_dir(Path(pretrained_model_path), "SDXL model folder (pretrained_model_path)")
+    for sub in PRETRAINED_SUBFOLDERS:
+        if sub == "vae" and vae_path is not None:
+            continue
+        _require_dir(root / sub, f"SDXL model subfolder '{sub}'")
+    image_dir = _require_dir(Path(image_encoder_path), "CLIP image-encoder folder (image_encoder_path)")
+    tf_dtype = _transformers_dtype_kwargs(weight_dtype)
+    common = {"local_files_only": True}
+
+    unet = UNet2DConditionModel.from_pretrained(
+        root, subfolder="unet", torch_dtype=weight_dtype, variant=variant, **common
+    )
+    if vae_path is not None:
+        vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)")
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, **common)
+    else:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant, **common)
+    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", variant=variant, **tf_dtype, **common)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+        root, subfolder="text_encoder_2", variant=variant, **tf_dtype, **common
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **common)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", **common)
+    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **common)
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, **tf_dtype, **common)
+    return unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler
+
+
+def _image_norm_stats(image_encoder_path: str | os.PathLike | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if image_encoder_path is not None:
+        cfg_file = Path(image_encoder_path) / "preprocessor_config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            if "image_mean" in cfg and "image_std" in cfg:
+                return tuple(float(v) for v in cfg["image_mean"]), tuple(float(v) for v in cfg["image_std"])
+    return CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+
+
+def build_models(
+    *,
+    tiny: bool = False,
+    seed: int = 0,
+    pretrained_model_path: str | os.PathLike | None = None,
+    image_encoder_path: str | os.PathLike | None = None,
+    ip_adapter_path: str | os.PathLike | None = None,
+    vae_path: str | os.PathLike | None = None,
+    variant: str | None = None,
+    weight_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    train_resampler: bool = False,
+    attention_backend: str = "sdpa",
+    xformers_fallback: bool = True,
+    ip_scale: float = 1.0,
+    num_ip_tokens: int = 16,
+    resampler_dim: int | None = None,
+    resampler_heads: int | None = None,
+    resampler_depth: int = 4,
+    gradient_checkpointing: bool = False,
+) -> PatchDPOModels:
+    """Build IP-Adapter-Plus on SDXL for PatchDPO training.
+
+    Args:
+        tiny: build tiny randomly initialized SDXL-shaped components (CPU tests / demos) instead of loading.
+        seed: seed of every random initialization (tiny components, resampler, IP K/V when not loaded).
+        pretrained_model_path: local SDXL diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
+            ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``); required unless ``tiny``.
+        image_encoder_path: local CLIP vision folder (``CLIPVisionModelWithProjection``); required unless ``tiny``.
+        ip_adapter_path: optional IP-Adapter-Plus checkpoint (``.safetensors`` or official ``.bin``, read with
+            ``weights_only=True``); the resampler shape is read from it, and policy and reference both start from it.
+        vae_path: optional separate VAE folder (e.g. an fp16-safe SDXL VAE) replacing ``pretrained_model_path/vae``.
+        variant: weight-file variant of the pretrained folder (e.g. ``"fp16"``).
+        weight_dtype: dtype of the frozen UNet, text encoders and image encoder. The VAE stays fp32, the adapter
+            (trainable and reference) is fp32.
+        device: device to place everything on.
+        train_resampler: also train the resampler (paper default: only the IP K/V projections train).
+        attention_backend: ``"sdpa"`` (default), ``"xformers"`` or ``"eager"``.
+        xformers_fallback: if xformers is unusable, warn and use sdpa (True) or raise (False).
+        ip_scale: weight of the image branch of every IP cross-attention.
+        num_ip_tokens, resampler_dim, resampler_heads, resampler_depth: resampler shape when no ``ip_adapter_path``
+            is given (defaults: 16 tokens; width 1280 / 20 heads pretrained, 32 / 2 heads tiny; depth 4).
+        gradient_checkpointing: enable activation checkpointing in the UNet.
+
+    Raises:
+        FileNotFoundError: a given folder or file does not exist (the message names it).
+        ValueError: inconsistent arguments (e.g. ``tiny`` together with pretrained paths).
+    """
+    if tiny:
+        if pretrained_model_path is not None or image_encoder_path is not None or vae_path is not None:
+            raise ValueError("tiny=True builds random components; do not pass pretrained_model_path/image_encoder_path")
+    elif pretrained_model_path is None or image_encoder_path is None:
+        raise ValueError("pass tiny=True, or both pretrained_model_path and image_encoder_path (local folders)")
+
+    adapter_groups = None
+    if ip_adapter_path is not None:
+        adapter_groups = read_ip_adapter_file(ip_adapter_path)  # raises FileNotFoundError naming the path
+
+    with torch.random.fork_rng(devices=[]):
+        if tiny:
+            c = build_tiny_components(seed)
+            parts = tuple(c[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+            parts += (c["image_encoder"], c["scheduler"])
+        else:
+            parts = _pretrained_components(pretrained_model_path, image_encoder_path, weight_dtype, variant, vae_path)
+        unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler = parts
+
+        if tiny and weight_dtype != torch.float32:
+            for module in (unet, text_encoder, text_encoder_2, image_encoder):
+                module.to(weight_dtype)
+        for module in (unet, vae, text_encoder, text_encoder_2, image_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+        embed_dim = int(image_encoder.config.hidden_size)
+        cross_dim = int(unet.config.cross_attention_dim)
+        if adapter_groups is not None:
+            cfg = resampler_config_from_state_dict(adapter_groups["image_proj"])
+            if cfg["embedding_dim"] != embed_dim:
+                raise ValueError(
+                    f"IP-Adapter {ip_adapter_path} expects image features of width {cfg['embedding_dim']}, but the "
+                    f"image encoder produces {embed_dim}"
+                )
+        else:
+            defaults = TINY_RESAMPLER if tiny else {"dim": 1280, "heads": 20, "dim_head": 64, "ff_mult": 4}
+            cfg = {
+                "dim": resampler_dim or defaults["dim"],
+                "depth": resampler_depth,
+                "dim_head": defaults["dim_head"],
+                "heads": resampler_heads or defaults["heads"],
+                "num_queries": num_ip_tokens,
+                "embedding_dim": embed_dim,
+                "output_dim": cross_dim,
+                "ff_mult": defaults["ff_mult"],
+            }
+        torch.manual_seed(seed + 5)
+        resampler = Resampler(**cfg).float()
+
+        ip_unet = IPAdapterUNet(
+            unet,
+            resampler,
+            train_resampler=train_resampler,
+            attention_backend=attention_backend,
+            xformers_fallback=xformers_fallback,
+            ip_scale=ip_scale,
+        )
+    if adapter_groups is not None:
+        ip_unet.load_ip_adapter_weights(adapter_groups, update_reference=True)
+    ip_unet.eval()
+    if gradient_checkpointing:
+        ip_unet.enable_gradient_checkpointing()
+
+    mean, std = _image_norm_stats(image_encoder_path)
+    models = PatchDPOModels(
+        ip_unet=ip_unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        image_encoder=image_encoder,
+        noise_scheduler=scheduler,
+        image_mean=mean,
+        image_std=std,
+        weight_dtype=weight_dtype,
+    )
+    return models.to(device)

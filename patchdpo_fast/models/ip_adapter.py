@@ -1,0 +1,403 @@
+"""IP-Adapter-Plus around a frozen diffusers ``UNet2DConditionModel``, with a DPO reference copy of the adapter.
+
+:class:`IPAdapterUNet` is one ``nn.Module`` holding the (frozen) UNet with :class:`IPAttnProcessor` s installed in
+its cross-attention layers, the trainable :class:`Resampler` (``image_proj``) and, when the resampler trains, a
+frozen reference copy of it (``ref_image_proj``). Wrap this module with accelerate / DeepSpeed; its ``forward``
+predicts the noise.
+
+File format (``export_ip_adapter`` / ``load_ip_adapter_weights``) is the one of the official IP-Adapter-Plus
+checkpoints and of stock diffusers' ``load_ip_adapter``: ``image_proj.<resampler key>`` and
+``ip_adapter.{k}.to_k_ip.weight`` / ``ip_adapter.{k}.to_v_ip.weight`` where ``k = 1, 3, 5, ...`` enumerates the
+UNet's cross-attention processors in ``unet.attn_processors`` order (the odd positions of the original
+processor list, in which self- and cross-attention alternate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import AttnProcessor, IPAttnProcessor, resolve_backend
+from .resampler import Resampler, resampler_config_from_state_dict
+
+__all__ = [
+    "IPAdapterUNet",
+    "cross_attention_processor_names",
+    "read_ip_adapter_file",
+    "write_ip_adapter_file",
+]
+
+
+def cross_attention_processor_names(unet: nn.Module) -> list[str]:
+    """Names (keys of ``unet.attn_processors``) of the layers that get an IP processor, in checkpoint order.
+
+    Same rule as diffusers' IP-Adapter loader: every processor whose name does not end in ``attn1.processor``
+    (and is not in a motion module).
+    """
+    return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
+
+
+def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
+    return unet.get_submodule(processor_name[: -len(".processor")])
+
+
+def read_ip_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """Read an IP-Adapter file into ``{"image_proj": {...}, "ip_adapter": {...}}``.
+
+    ``.safetensors`` files hold flat ``image_proj.*`` / ``ip_adapter.*`` keys. Any other suffix (the official
+    ``.bin``) is read with ``torch.load(..., weights_only=True)`` (never unrestricted unpickling) and may be nested
+    or flat.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IP-Adapter checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path), device="cpu")
+    else:
+        flat = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(flat, Mapping):
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(flat).__name__}")
+    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        if key in out and isinstance(value, Mapping):
+            out[key].update(value)
+            continue
+        group, _, rest = key.partition(".")
+        if group in out and rest and isinstance(value, torch.Tensor):
+            out[group][rest] = value
+    if not out["image_proj"] or not out["ip_adapter"]:
+        raise ValueError(f"{path}: not an IP-Adapter checkpoint (needs 'image_proj' and 'ip_adapter' groups)")
+    return out
+
+
+def write_ip_adapter_file(
+    path: str | os.PathLike,
+    image_proj: Mapping[str, torch.Tensor],
+    ip_adapter: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``image_proj.*`` and ``ip_adapter.*`` tensors atomically to one safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors, got {path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, group in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
+        for key, value in group.items():
+            t = value.detach().to("cpu", dtype=dtype or value.dtype).contiguous().clone()
+            tensors[f"{prefix}.{key}"] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class IPAdapterUNet(nn.Module):
+    """A frozen SDXL UNet with IP-Adapter-Plus processors, the resampler and the DPO reference adapter.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``; its processors are replaced in place and its weights frozen.
+        resampler: the ``image_proj`` resampler (kept in its own dtype, fp32 recommended).
+        train_resampler: train the resampler too (and keep a frozen reference copy of it).
+        attention_backend: ``"sdpa"``, ``"xformers"`` or ``"eager"`` for every attention layer of the UNet.
+        xformers_fallback: fall back to ``"sdpa"`` with a warning (True) or raise (False) if xformers is unusable.
+        ip_scale: weight of the image branch in every IP processor.
+        adapter_dtype: dtype of the IP K/V projections (fp32 master weights by default).
+
+    The K/V projections start as copies of each layer's text ``to_k`` / ``to_v`` weights (as the original
+    IP-Adapter training does); load pretrained adapter weights with :meth:`load_ip_adapter_weights`.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        resampler: Resampler,
+        train_resampler: bool = False,
+        attention_backend: str = "sdpa",
+        xformers_fallback: bool = True,
+        ip_scale: float = 1.0,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        cross_dim = unet.config.cross_attention_dim
+        if resampler.config["output_dim"] != cross_dim:
+            raise ValueError(
+                f"resampler output_dim {resampler.config['output_dim']} != UNet cross_attention_dim {cross_dim}"
+            )
+        unet.requires_grad_(False)
+        self.unet = unet
+        self.image_proj = resampler
+        self.train_resampler = train_resampler
+        self.ref_image_proj: Resampler | None = None
+        self._use_reference = False
+        self._ip_names = cross_attention_processor_names(unet)
+
+        backend = resolve_backend(attention_backend, xformers_fallback)  # warn / raise once, not per layer
+        self.attention_backend = backend
+        plain = AttnProcessor(backend)
+        processors: dict[str, object] = {}
+        for name in unet.attn_processors:
+            if name in self._ip_names:
+                attn = _attention_module(unet, name)
+                if not getattr(attn, "is_cross_attention", True):
+                    raise ValueError(f"{name} is not a cross-attention layer")
+                proc = IPAttnProcessor(
+                    hidden_size=attn.to_k.out_features,
+                    cross_attention_dim=attn.to_k.in_features,
+                    num_tokens=resampler.num_queries,
+                    scale=ip_scale,
+                    backend=backend,
+                    init_k=attn.to_k.weight.detach(),
+                    init_v=attn.to_v.weight.detach(),
+                    dtype=adapter_dtype,
+                    device=attn.to_k.weight.device,
+                )
+                processors[name] = proc
+            else:
+                processors[name] = plain
+        unet.set_attn_processor(processors)
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def ip_processors(self) -> dict[str, IPAttnProcessor]:
+        """The IP processors by ``unet.attn_processors`` name, in checkpoint order."""
+        procs = self.unet.attn_processors
+        return {name: procs[name] for name in self._ip_names}
+
+    @property
+    def num_ip_tokens(self) -> int:
+        """Number of image-prompt tokens appended to the text tokens."""
+        return self.image_proj.num_queries
+
+    def _set_trainable(self) -> None:
+        self.unet.requires_grad_(False)
+        for proc in self.ip_processors.values():
+            proc.to_k_ip.requires_grad_(True)
+            proc.to_v_ip.requires_grad_(True)
+            proc.ref_k_ip.requires_grad_(False)
+            proc.ref_v_ip.requires_grad_(False)
+        self.image_proj.requires_grad_(self.train_resampler)
+        if self.train_resampler:
+            if self.ref_image_proj is None:
+                self.ref_image_proj = copy.deepcopy(self.image_proj)
+            self.ref_image_proj.requires_grad_(False)
+        else:
+            self.ref_image_proj = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that train: every IP ``to_k_ip``/``to_v_ip`` weight, plus the resampler if enabled."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs of :meth:`trainable_parameters`."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def set_attention_backend(self, backend: str, xformers_fallback: bool = True) -> str:
+        """Switch every attention layer of the UNet (plain and IP) to another backend; returns the one in use."""
+        resolved = resolve_backend(backend, xformers_fallback)
+        plain = AttnProcessor(resolved)
+        for name in self.unet.attn_processors:
+            if name in self._ip_names:
+                proc = _attention_module(self.unet, name).processor
+                proc.requested_backend = backend
+                proc.backend = resolved
+            else:
+                _attention_module(self.unet, name).set_processor(plain)
+        self.attention_backend = resolved
+        return resolved
+
+    def set_ip_scale(self, scale: float) -> None:
+        """Set the image-branch weight of every IP processor."""
+        for proc in self.ip_processors.values():
+            proc.scale = scale
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Turn on activation checkpointing in the UNet blocks (non-reentrant, so frozen inputs are fine)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Turn activation checkpointing off again."""
+        self.unet.disable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ reference
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """Make the frozen reference adapter equal to the current (policy) adapter."""
+        for proc in self.ip_processors.values():
+            proc.sync_reference()
+        if self.ref_image_proj is not None:
+            self.ref_image_proj.load_state_dict(self.image_proj.state_dict())
+
+    @contextlib.contextmanager
+    def reference_mode(self, enabled: bool = True) -> Iterator[None]:
+        """Context manager: inside it, forward passes (and direct UNet calls) use the reference adapter."""
+        previous = self._use_reference
+        self._set_reference_flag(enabled)
+        try:
+            yield
+        finally:
+            self._set_reference_flag(previous)
+
+    def _set_reference_flag(self, enabled: bool) -> None:
+        self._use_reference = enabled
+        for proc in self.ip_processors.values():
+            proc.use_reference = enabled
+
+    # ------------------------------------------------------------------ forward
+    def ip_tokens(self, image_features: torch.Tensor, use_reference: bool = False) -> torch.Tensor:
+        """Image-prompt tokens ``(B, num_ip_tokens, cross_attention_dim)`` from CLIP features ``(B, S, D)``."""
+        proj = self.ref_image_proj if (use_reference and self.ref_image_proj is not None) else self.image_proj
+        return proj(image_features)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        use_reference: bool | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise ``eps`` for ``noisy_latents`` (same shape, in the UNet's dtype).
+
+        Args:
+            noisy_latents: ``(B, 4, h, w)``.
+            timesteps: ``(B,)`` or a scalar.
+            prompt_embeds: ``(B, T, cross_attention_dim)`` (see ``PatchDPOModels.encode_prompts``).
+            pooled_prompt_embeds: ``(B, pooled_dim)``.
+            time_ids: ``(B, 6)`` SDXL micro-conditioning.
+            image_features: ``(B, S, D)`` CLIP vision penultimate hidden states.
+            use_reference: run the frozen reference adapter (always without gradients); ``None`` means the
+                current :meth:`reference_mode`.
+        """
+        if use_reference is None:
+            use_reference = self._use_reference
+        grad_ctx = torch.no_grad() if use_reference else contextlib.nullcontext()
+        dtype = self.unet.conv_in.weight.dtype
+        with grad_ctx:
+            tokens = self.ip_tokens(image_features, use_reference=use_reference)
+            encoder_hidden_states = torch.cat([prompt_embeds.to(dtype), tokens.to(dtype)], dim=1)
+            return self.unet(
+                noisy_latents.to(dtype),
+                timesteps,
+                encoder_hidden_states=encoder_hidden_states,
+                added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+                cross_attention_kwargs={"use_reference": bool(use_reference)},
+                return_dict=False,
+            )[0]
+
+    # ------------------------------------------------------------------ state dicts
+    def ip_adapter_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The policy adapter as ``(image_proj, ip_adapter)`` groups in the official key layout."""
+        image_proj = {k: v.detach() for k, v in self.image_proj.state_dict().items()}
+        ip_adapter: dict[str, torch.Tensor] = {}
+        for i, proc in enumerate(self.ip_processors.values()):
+            k = 2 * i + 1
+            ip_adapter[f"{k}.to_k_ip.weight"] = proc.to_k_ip.weight.detach()
+            ip_adapter[f"{k}.to_v_ip.weight"] = proc.to_v_ip.weight.detach()
+        return image_proj, ip_adapter
+
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the policy adapter as one safetensors file loadable by stock diffusers' ``load_ip_adapter``.
+
+        Args:
+            path: target ``.safetensors`` file (written atomically: temp file + ``os.replace``).
+            dtype: cast the tensors (e.g. ``torch.float16`` like the official files); ``None`` keeps them.
+        """
+        image_proj, ip_adapter = self.ip_adapter_state_dicts()
+        return write_ip_adapter_file(path, image_proj, ip_adapter, dtype=dtype)
+
+    @torch.no_grad()
+    def load_ip_adapter_weights(
+        self,
+        source: str | os.PathLike | Mapping[str, Mapping[str, torch.Tensor]],
+        update_reference: bool = True,
+    ) -> None:
+        """Load an IP-Adapter-Plus checkpoint (our export, or an official ``.bin`` / ``.safetensors``).
+
+        Args:
+            source: a file path or an already read ``{"image_proj": ..., "ip_adapter": ...}`` dict.
+            update_reference: also make the frozen reference adapter equal to the loaded weights.
+        """
+        groups = read_ip_adapter_file(source) if isinstance(source, (str, os.PathLike)) else source
+        image_proj = dict(groups["image_proj"])
+        ip_adapter = dict(groups["ip_adapter"])
+        found = resampler_config_from_state_dict(image_proj, dim_head=self.image_proj.config["dim_head"])
+        mismatched = {k: (v, found[k]) for k, v in self.image_proj.config.items() if found[k] != v}
+        if mismatched:
+            raise ValueError(
+                f"IP-Adapter image_proj does not match this resampler: {{name: (ours, file)}} = {mismatched}"
+            )
+        self.image_proj.load_state_dict(image_proj, strict=True)
+        procs = list(self.ip_processors.values())
+        expected = {f"{2 * i + 1}.to_{kv}_ip.weight" for i in range(len(procs)) for kv in ("k", "v")}
+        missing = sorted(expected - set(ip_adapter))
+        unexpected = sorted(set(ip_adapter) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"IP-Adapter ip_adapter keys do not match this UNet ({len(procs)} cross-attention layers): "
+                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+            )
+        for i, proc in enumerate(procs):
+            k = 2 * i + 1
+            for name, target in (("k", proc.to_k_ip), ("v", proc.to_v_ip)):
+                value = ip_adapter[f"{k}.to_{name}_ip.weight"]
+                if value.shape != target.weight.shape:
+                    raise ValueError(
+                        f"ip_adapter.{k}.to_{name}_ip.weight has shape {tuple(value.shape)}, "
+                        f"expected {tuple(target.weight.shape)}"
+                    )
+                target.weight.copy_(value)
+        if update_reference:
+            self.sync_reference()
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Training checkpoint of the adapter: policy and reference weights (tensors only, detached).
+
+        Keys: ``image_proj.*``, ``ref_image_proj.*`` (only when the resampler trains) and
+        ``ip_adapter.{k}.{to_k_ip,to_v_ip,ref_k_ip,ref_v_ip}.weight``.
+        """
+        out = {f"image_proj.{k}": v.detach() for k, v in self.image_proj.state_dict().items()}
+        if self.ref_image_proj is not None:
+            out.update({f"ref_image_proj.{k}": v.detach() for k, v in self.ref_image_proj.state_dict().items()})
+        for i, proc in enumerate(self.ip_processors.values()):
+            k = 2 * i + 1
+            for name in ("to_k_ip", "to_v_ip", "ref_k_ip", "ref_v_ip"):
+                out[f"ip_adapter.{k}.{name}.weight"] = getattr(proc, name).weight.detach()
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load :meth:`adapter_state_dict` output. With ``strict``, missing or unexpected keys raise."""
+        ours = self.adapter_state_dict()
+        missing = sorted(set(ours) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(ours))
+        if strict and (missing or unexpected):
+            raise KeyError(f"adapter state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for key, target in ours.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if value.shape != target.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
+            target.copy_(value)
