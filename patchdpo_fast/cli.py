@@ -9,6 +9,7 @@ __all__ = ["main"]
 
 #: command -> (module with a ``main(argv)`` function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("patchdpo_fast.train", "train IP-Adapter-Plus with PatchDPO (see configs/)"),
     "ops-demo": ("patchdpo_fast.ops_demo", "compare the fused Triton losses with the PyTorch reference"),
 }
 

@@ -1,0 +1,539 @@
+"""PatchDPO training of IP-Adapter-Plus on SDXL: one CPU for the tiny default, many GPUs at SDXL scale.
+
+Launch::
+
+    python -m patchdpo_fast.train --config configs/tiny_cpu.yaml              # single process
+    patchdpo train --config configs/tiny_cpu.yaml --set train.max_steps=10   # same, through the CLI
+    torchrun --nproc_per_node 8 -m patchdpo_fast.train --config ...          # plain DDP
+    deepspeed --num_gpus 8 patchdpo_fast/train.py --config configs/sdxl_ipadapter_plus.yaml   # DeepSpeed ZeRO
+
+Each optimizer step: B pairs per rank (reference image = winner, generated image = loser) share noise, timestep and
+conditioning; the policy adapter predicts the noise for both, the frozen reference adapter too for the DPO losses,
+and the fused loss ops of :mod:`patchdpo_fast.ops` weight the error maps with the pairs' quality maps. Checkpoints
+are atomic and pickle-free; ``--resume`` continues bit-exactly on the CPU; the result is an IP-Adapter safetensors
+file that stock diffusers loads with ``pipeline.load_ip_adapter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchdpo_fast.config import ConfigError, TrainConfig, dump_config, load_config, resolve_deepspeed_config
+from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights
+from patchdpo_fast.training.checkpoint import CheckpointDir, find_checkpoint, prune_checkpoints
+from patchdpo_fast.training.distributed import DistEnv, setup_distributed
+from patchdpo_fast.training.metrics import MetricsLogger
+from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
+from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
+
+__all__ = ["TrainResult", "main", "train"]
+
+logger = logging.getLogger("patchdpo_fast.train")
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    adapter_path: Path | None
+    final_step: int
+    nan_skips: int
+    last_checkpoint: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    fixed_batch_loss_start: float | None = None  #: see :func:`fixed_batch_loss`
+    fixed_batch_loss_end: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _BatchStream(torch.utils.data.Sampler[list[int]]):
+    """Endless stream of index batches drawn from a resumable sampler, crossing epochs without dropping items."""
+
+    def __init__(self, sampler: Any, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        def indices() -> Iterator[int]:
+            while True:
+                yield from iter(self.sampler)
+
+        stream = indices()
+        while True:
+            yield [next(stream) for _ in range(self.batch_size)]
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], (int, np.integer)):
+            out[key] = [int(v) for v in values]
+        else:
+            out[key] = values
+    return out
+
+
+class _Inputs:
+    """Turns a data batch into model inputs, from the input cache or by running the encoders (per step)."""
+
+    def __init__(self, cfg: TrainConfig, models: Any, env: DistEnv, cached: Any | None) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.env = env
+        self.cached = cached
+        if cached is not None:
+            null = cached.null_conditioning()
+        else:
+            with torch.no_grad():
+                embeds, pooled = models.encode_prompts([""])
+                black = torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=models.device)
+                null = {
+                    "prompt_embeds": embeds,
+                    "pooled": pooled,
+                    "image_features": models.encode_reference_images(black),
+                }
+        self.null = {k: v.to(env.device) for k, v in null.items()}
+
+    def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        dev = self.env.device
+        if self.cached is not None:
+            lat_ref, lat_gen = batch["latents_ref"].to(dev).float(), batch["latents_gen"].to(dev).float()
+            embeds, pooled = batch["prompt_embeds"].to(dev), batch["pooled"].to(dev)
+            feats = batch["image_features"].to(dev)
+        else:
+            with torch.no_grad():
+                gen = torch.Generator(device=self.models.device).manual_seed(
+                    self.cfg.train.seed * 1_000_003 + step * 101 + self.env.rank
+                )
+                pixels = torch.cat([batch["ref_pixels"], batch["gen_pixels"]]).to(dev)
+                latents = self.models.encode_images(pixels * 2 - 1, generator=gen)
+                lat_ref, lat_gen = latents.chunk(2)
+                embeds, pooled = self.models.encode_prompts(batch["prompt"])
+                feats = self.models.encode_reference_images(batch["ref_pixels"].to(dev))
+        return {
+            "lat_ref": lat_ref,
+            "lat_gen": lat_gen,
+            "embeds": embeds,
+            "pooled": pooled,
+            "feats": feats,
+            "q_ref": batch["q_ref"].to(dev),
+            "q_gen": batch["q_gen"].to(dev),
+        }
+
+
+def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any | None]:
+    """The training dataset (cached features or raw pairs) and the cache handle (None without a cache)."""
+    from patchdpo_fast.data import CachedPairDataset, build_input_cache, build_pair_dataset
+
+    raw = build_pair_dataset(cfg.data)
+    if not cfg.cache.enabled:
+        return raw, None
+    settings = {
+        "model": cfg.model.model_dump(mode="json"),
+        "resolution": cfg.data.resolution,
+        "patch_size": cfg.data.patch_size,
+    }
+    if env.is_main:  # one process encodes; the others wait for the finished cache
+        build_input_cache(
+            raw,
+            cfg.cache.dir,
+            encode_images=lambda p: models.encode_images(p.to(models.device) * 2 - 1, sample=True),
+            encode_prompts=models.encode_prompts,
+            encode_reference=lambda p: models.encode_reference_images(p.to(models.device)),
+            settings=settings,
+            shard_size=cfg.cache.shard_size,
+            batch_size=cfg.cache.encode_batch_size,
+            dtype=getattr(torch, cfg.cache.dtype),
+            on_stale=cfg.cache.on_stale,
+            progress=True,
+        )
+    env.barrier()
+    cached = CachedPairDataset(cfg.cache.dir)
+    return cached, cached
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and engine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
+    from patchdpo_fast.models import build_models
+
+    m = cfg.model
+    models = build_models(
+        tiny=m.tiny,
+        seed=m.tiny_seed,
+        pretrained_model_path=m.pretrained_path,
+        image_encoder_path=m.image_encoder_path,
+        ip_adapter_path=m.ip_adapter_path,
+        weight_dtype=_DTYPES[cfg.train.mixed_precision],
+        device=env.device,
+        train_resampler=m.train_resampler,
+        attention_backend=m.attention_backend,
+        xformers_fallback=m.xformers_fallback,
+        ip_scale=m.ip_scale,
+        num_ip_tokens=m.num_ip_tokens,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+    return models
+
+
+def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
+    from patchdpo_fast.training.engine import DeepSpeedEngine, PlainEngine
+
+    o, t = cfg.optim, cfg.train
+    module = models.ip_unet
+    ds_config = resolve_deepspeed_config(cfg, env.world_size)
+    if ds_config is None:
+        optimizer = build_optimizer(module.parameters(), o.optimizer, o.lr, o.weight_decay, tuple(o.betas), o.eps)
+        scheduler = build_lr_scheduler(optimizer, o.warmup_steps, t.max_steps, o.lr_schedule)
+        return PlainEngine(module, optimizer, scheduler, env, t.gradient_accumulation_steps, o.max_grad_norm,
+                           t.mixed_precision)  # fmt: skip
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = build_optimizer(module.parameters(), o.optimizer, o.lr, o.weight_decay, tuple(o.betas), o.eps)
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+    return DeepSpeedEngine(
+        module,
+        optimizer,
+        lambda opt: build_lr_scheduler(opt, o.warmup_steps, t.max_steps, o.lr_schedule),
+        ds_config,
+        env,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v
+            for v in np.random.get_state(legacy=True)
+        ],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int
+) -> Path:
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    ckpt = CheckpointDir(root, step)
+    if env.is_main:
+        ckpt.begin()
+    env.barrier()
+    global_state, rank_state = engine.state()  # collective for DeepSpeed
+    with engine.gathered():
+        adapter = models.adapter_state_dict() if env.is_main else None
+    if rank_state is not None:
+        save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
+    if env.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(ckpt.tmp / "adapter.safetensors"))
+        save_state(
+            {
+                "engine": global_state,
+                "rng": _rng_state(),
+                "step": step,
+                "consumed_per_rank": consumed,
+                "nan_skips": nan_skips,
+                "world_size": env.world_size,
+            },
+            ckpt.tmp / "trainer",
+        )
+        dump_config(cfg, ckpt.tmp / "config.yaml")
+    env.barrier()
+    if env.is_main:
+        ckpt.commit()
+        prune_checkpoints(root, cfg.train.keep_checkpoints)
+    env.barrier()
+    return ckpt.final
+
+
+def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
+    trainer = load_state(path / "trainer")
+    rank_file = path / f"engine_rank{env.rank}"
+    rank_state = load_state(rank_file) if rank_file.with_suffix(".json").exists() else None
+    engine.load_state(trainer["engine"], rank_state)
+    _set_rng_state(trainer["rng"])
+    return trainer
+
+
+def _load_adapter_weights(path: Path, models: Any) -> None:
+    from safetensors.torch import load_file
+
+    file = path / "adapter.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no adapter.safetensors")
+    models.load_adapter_state_dict(load_file(str(file)))
+
+
+def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x: dict[str, torch.Tensor], rnd: Any,
+                  train: bool) -> Any:  # fmt: skip
+    """Noise both images of each pair identically, run the policy (and reference) and compute the loss."""
+    dev, l_cfg = inputs.env.device, cfg.loss
+    b = x["lat_ref"].shape[0]
+    noise = rnd.noise.to(dev).repeat(2, 1, 1, 1)
+    t = rnd.timesteps.to(dev).repeat(2)
+    latents = torch.cat([x["lat_ref"], x["lat_gen"]])
+    sched = models.noise_scheduler
+    noisy = sched.add_noise(latents, noise, t)
+    target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(2, 1, 1)
+    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(2, 1)
+    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(2, 1, 1)
+    time_ids = models.add_time_ids(2 * b, cfg.data.resolution).to(dev)
+    args = (noisy, t, embeds, pooled, time_ids, feats)
+    if train:
+        pred = engine.forward(*args)
+    else:
+        with torch.no_grad():
+            pred = engine.module(*args, use_reference=False)
+    ref_pred = engine.reference_forward(*args) if l_cfg.uses_reference_model else None
+    weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, x["q_ref"], x["q_gen"], tuple(pred.shape[-2:]))
+    return compute_loss(l_cfg.type, pred, target, ref_pred, weight, l_cfg.beta, l_cfg.backend)
+
+
+def fixed_batch_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, dataset: Any) -> float:
+    """The configured loss on the first pairs of the dataset with fixed noise, timesteps and no dropout.
+
+    Logged at the start and the end of a run: the same number before and after training shows whether the run
+    learned. For the DPO losses it starts at log 2 (policy = reference).
+    """
+    indices = list(range(min(len(dataset), max(2, cfg.data.pairs_per_batch))))
+    x = inputs(_collate([dataset[i] for i in indices]), 0)
+    rnd = draw_pair_noise(cfg.train.seed + 7919, 0, indices, tuple(x["lat_ref"].shape[1:]),
+                          models.noise_scheduler.config.num_train_timesteps, 0.0, 0.0, 0.0)  # fmt: skip
+    return float(_forward_loss(cfg, models, engine, inputs, x, rnd, train=False).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, local_rank: int | None = None) -> TrainResult:
+    """Train with ``cfg``; ``resume`` ('latest' or a checkpoint path) overrides ``train.resume_from``."""
+    env = setup_distributed(cfg.deepspeed.enabled, local_rank)
+    try:
+        return _train(cfg, env, resume if resume is not None else cfg.train.resume_from)
+    finally:
+        env.shutdown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> TrainResult:
+    t_cfg, d_cfg = cfg.train, cfg.data
+    out_dir = Path(t_cfg.output_dir)
+    torch.manual_seed(t_cfg.seed + env.rank)
+    np.random.seed((t_cfg.seed + env.rank) % 2**32)
+    random.seed(t_cfg.seed + env.rank)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out_dir / "config.yaml")
+        logger.info("output directory: %s (rank 0 of %d, device %s)", out_dir, env.world_size, env.device)
+
+    ckpt_path = find_checkpoint(out_dir, resume) if resume else None
+    models = _build_models(cfg, env)
+    if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
+        _load_adapter_weights(ckpt_path, models)
+    dataset, cached = _build_data(cfg, models, env)
+    inputs = _Inputs(cfg, models, env, cached)
+    engine = _build_engine(cfg, models, env)
+
+    from patchdpo_fast.data import ResumableSampler
+
+    sampler = ResumableSampler(len(dataset), seed=d_cfg.shuffle_seed, rank=env.rank, world_size=env.world_size,
+                               drop_last=d_cfg.drop_last)  # fmt: skip
+    step, nan_skips, consumed = 0, 0, 0
+    if ckpt_path is not None:
+        trainer = _load_checkpoint(ckpt_path, env, engine)
+        if trainer["world_size"] != env.world_size and cfg.deepspeed.enabled:
+            raise ValueError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks")
+        step, nan_skips, consumed = int(trainer["step"]), int(trainer["nan_skips"]), int(trainer["consumed_per_rank"])
+        sampler.load_state_dict(sampler.state_dict(consumed=consumed))
+        if env.is_main:
+            logger.info("resumed from %s at step %d", ckpt_path, step)
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_BatchStream(sampler, d_cfg.pairs_per_batch),
+        num_workers=d_cfg.num_workers,
+        collate_fn=_collate,
+        persistent_workers=d_cfg.num_workers > 0,
+    )
+    batches = iter(loader)
+    scheduler_cfg = models.noise_scheduler.config
+    metrics = MetricsLogger(out_dir, enabled=env.is_main, resume_step=step)
+    history: list[dict[str, Any]] = []
+    last_ckpt: Path | None = ckpt_path
+    progress = None
+    if env.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=t_cfg.max_steps, initial=step, desc="patchdpo", dynamic_ncols=True, file=sys.stderr)
+
+    eval_start = fixed_batch_loss(cfg, models, engine, inputs, dataset)
+    if env.is_main:
+        logger.info("fixed-batch loss at step %d: %.6f", step, eval_start)
+    window: list[dict[str, float]] = []
+    t_window = time.perf_counter()
+    pairs_per_step = d_cfg.pairs_per_batch * t_cfg.gradient_accumulation_steps * env.world_size
+    while step < t_cfg.max_steps:
+        skipped_step = False
+        for _ in range(t_cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            consumed += len(batch["index"])
+            x = inputs(batch, step)
+            rnd = draw_pair_noise(
+                t_cfg.seed, step, batch["index"], tuple(x["lat_ref"].shape[1:]), scheduler_cfg.num_train_timesteps,
+                d_cfg.drop_image, d_cfg.drop_text, d_cfg.drop_both,
+            )  # fmt: skip
+            out = _forward_loss(cfg, models, engine, inputs, x, rnd, train=True)
+            loss_value = float(out.loss.detach())
+            if env.any(not math.isfinite(loss_value)):
+                if t_cfg.nan_policy == "error":
+                    raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; nan_policy=error")
+                engine.skip_micro_step()
+                skipped_step = True
+                continue
+            engine.backward(out.loss)
+            engine.step()
+            window.append(
+                {
+                    "loss": loss_value,
+                    "model_mse": float(out.model_mse.mean()),
+                    **({"implicit_acc": float(out.implicit_acc)} if out.implicit_acc is not None else {}),
+                    **({"log_ratio": float(out.log_ratio.mean())} if out.log_ratio is not None else {}),
+                }
+            )
+        if skipped_step:
+            nan_skips += 1
+            if env.is_main:
+                logger.warning("step %d: non-finite loss, step skipped (%d skipped so far)", step, nan_skips)
+            if nan_skips > t_cfg.max_nan_skips:
+                raise FloatingPointError(
+                    f"{nan_skips} steps had a non-finite loss (train.max_nan_skips={t_cfg.max_nan_skips})"
+                )
+        step += 1
+
+        if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+            elapsed = time.perf_counter() - t_window
+            n = max(1, len(window))
+            record: dict[str, Any] = {k: sum(w.get(k, 0.0) for w in window) / n for k in (window[0] if window else {})}
+            steps_in_window = t_cfg.log_every if step % t_cfg.log_every == 0 else step % t_cfg.log_every
+            record.update(
+                lr=engine.lr(),
+                grad_norm=engine.last_grad_norm,
+                nan_skips=nan_skips,
+                steps_per_s=steps_in_window / elapsed if elapsed > 0 else None,
+                pairs_per_s=steps_in_window * pairs_per_step / elapsed if elapsed > 0 else None,
+                epoch=consumed // max(1, len(sampler)),
+            )
+            history.append({"step": step, **record})
+            metrics.log(step, record)
+            if progress is not None:
+                post = {"loss": f"{record.get('loss', float('nan')):.4f}"}
+                if "implicit_acc" in record:
+                    post["acc"] = f"{record['implicit_acc']:.2f}"
+                if record["steps_per_s"]:
+                    post["it/s"] = f"{record['steps_per_s']:.2f}"
+                progress.set_postfix(post)
+            window, t_window = [], time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
+            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips)
+
+    if progress is not None:
+        progress.close()
+    eval_end = fixed_batch_loss(cfg, models, engine, inputs, dataset)
+    if env.is_main:
+        logger.info("fixed-batch loss at step %d: %.6f (was %.6f)", step, eval_end, eval_start)
+    metrics.close()
+    adapter_path = None
+    with engine.gathered():
+        if env.is_main:
+            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors")
+            atomic_write_json(
+                out_dir / "summary.json",
+                {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),
+                 "fixed_batch_loss_start": eval_start, "fixed_batch_loss_end": eval_end,
+                 "last_checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": env.world_size},
+            )  # fmt: skip
+    env.barrier()
+    return TrainResult(out_dir, adapter_path, step, nan_skips, last_ckpt, history, eval_start, eval_end)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``patchdpo train`` / ``python -m patchdpo_fast.train`` / ``deepspeed patchdpo_fast/train.py``."""
+    parser = argparse.ArgumentParser(prog="patchdpo train", description="PatchDPO training of IP-Adapter-Plus.")
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML config (default: the tiny CPU demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")  # fmt: skip
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the newest checkpoint in train.output_dir or from a given path")  # fmt: skip
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"patchdpo train: {exc}", file=sys.stderr)
+        return 2
+    result = train(cfg, resume=args.resume, local_rank=args.local_rank)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),
+                          "final_step": result.final_step, "nan_skips": result.nan_skips,
+                          "last_checkpoint": str(result.last_checkpoint)}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Pickle-free serialization of nested training state (optimizer, scheduler, RNG) as safetensors + JSON.
+
+A nested structure of dicts, lists, tuples, tensors and JSON scalars is split into
+
+* a flat ``{name: tensor}`` dict written with safetensors, and
+* a JSON skeleton in which every tensor is replaced by ``{"__tensor__": name}`` (tuples, non-string dict keys,
+  ``torch.dtype`` values and non-finite floats are tagged so they round-trip exactly).
+
+Anything else (an arbitrary Python object) raises ``TypeError`` instead of being pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "flatten_state", "load_state", "save_state", "unflatten_state"]
+
+
+def flatten_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON-serializable skeleton and a flat dict of tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = path
+            # safetensors stores dense, non-shared tensors
+            tensors[name] = value.detach().cpu().contiguous().clone()
+            return {"__tensor__": name}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value):
+                return {"__dict__": {k: walk(v, f"{path}.{k}") for k, v in value.items()}}
+            items = []
+            for i, (k, v) in enumerate(value.items()):
+                if not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise TypeError(f"cannot serialize dict key of type {type(k).__name__} at {path}")
+                items.append([k, walk(v, f"{path}.{i}")])
+            return {"__items__": items}
+        if isinstance(value, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, torch.dtype):
+            return {"__dtype__": str(value).removeprefix("torch.")}
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"__float__": repr(value)}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot serialize {type(value).__name__} at {path} without pickle")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"].items()}
+        if "__items__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__items__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if "__dtype__" in skeleton:
+            return getattr(torch, skeleton["__dtype__"])
+        if "__float__" in skeleton:
+            return float(skeleton["__float__"])
+        raise ValueError(f"unknown state skeleton entry: {sorted(skeleton)}")
+    return skeleton
+
+
+def _atomic_replace(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_state(obj: Any, path_stem: str | os.PathLike) -> None:
+    """Write ``obj`` to ``<stem>.safetensors`` and ``<stem>.json`` (each atomically)."""
+    stem = Path(path_stem)
+    skeleton, tensors = flatten_state(obj)
+    _atomic_replace(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(stem.with_suffix(".json"), skeleton)
+
+
+def load_state(path_stem: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """Read what :func:`save_state` wrote."""
+    stem = Path(path_stem)
+    for suffix in (".json", ".safetensors"):
+        if not stem.with_suffix(suffix).is_file():
+            raise FileNotFoundError(f"checkpoint file missing: {stem.with_suffix(suffix)}")
+    skeleton = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".safetensors")), device=str(device))
+    return unflatten_state(skeleton, tensors)
