@@ -205,7 +205,10 @@ class DeepSpeedEngine:
         }
         parts = self._fp32_partitions()
         if parts is not None:
-            rank_state = {"fp32_partitions": parts, "base_optimizer": opt.optimizer.state_dict()}
+            # The base optimizer's state is keyed by the fp32 partition tensors; ZeRO-3 swaps its param_groups while
+            # stepping, so the per-partition state is read directly rather than through optimizer.state_dict().
+            base_state = opt.optimizer.state
+            rank_state = {"fp32_partitions": parts, "optimizer_states": [dict(base_state.get(p, {})) for p in parts]}
         else:
             rank_state = {"optimizer": opt.state_dict()}
         rank_state["world_size"] = self.env.world_size
@@ -225,9 +228,11 @@ class DeepSpeedEngine:
             saved = rank_state["fp32_partitions"]
             if [p.shape for p in parts] != [s.shape for s in saved]:
                 raise ValueError("checkpoint ZeRO partitions do not match this run's layout (different config?)")
-            for dst, src in zip(parts, saved, strict=True):
+            for dst, src, st in zip(parts, saved, rank_state["optimizer_states"], strict=True):
                 dst.data.copy_(src.to(dst.device, dst.dtype))
-            opt.optimizer.load_state_dict(rank_state["base_optimizer"])
+                opt.optimizer.state[dst] = {
+                    k: v.to(dst.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in st.items()
+                }
             bit16 = getattr(opt, "fp16_partitioned_groups_flat", None)  # ZeRO-3 low-precision partitions
             if bit16 is not None:
                 for dst, src in zip(bit16, parts, strict=True):
@@ -236,6 +241,9 @@ class DeepSpeedEngine:
             opt.load_state_dict(rank_state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+            # load_state_dict restores the schedule's position but not the learning rate it last set
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         self.engine.global_steps = int(state["global_steps"])
         self.engine.global_samples = int(state["global_samples"])
         self.engine.micro_steps = int(state["micro_steps"])
