@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# pytest through its own entry point: `python -m` would put the repo root on sys.path, where the top-level
+# kernels/ folder would shadow the unrelated PyPI package `kernels` that bitsandbytes probes for.
+.venv/bin/pytest -q "$@"
