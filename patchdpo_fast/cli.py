@@ -10,6 +10,9 @@ __all__ = ["main"]
 #: command -> (module with a ``main(argv)`` function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("patchdpo_fast.train", "train IP-Adapter-Plus with PatchDPO (see configs/)"),
+    "build-pairs": ("patchdpo_fast.data.build_pairs", "generate training pairs with the pre-trained model (manifest)"),
+    "import-official": ("patchdpo_fast.data.import_official", "import the official PatchDPO pair layout"),
+    "procedural-pairs": ("patchdpo_fast.data.procedural", "write the procedural demo pairs as a manifest"),
     "ops-demo": ("patchdpo_fast.ops_demo", "compare the fused Triton losses with the PyTorch reference"),
 }
 

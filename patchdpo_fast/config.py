@@ -149,7 +149,9 @@ class DataConfig(_Section):
 
     source: Literal["procedural", "manifest"] = "procedural"
     procedural: ProceduralDataConfig = Field(default_factory=ProceduralDataConfig)
-    manifest_path: Path | None = Field(None, description="JSONL manifest of on-disk pairs; required for 'manifest'.")
+    manifest_path: Path | None = Field(
+        None, description="patchdpo manifest (JSONL, see docs/data.md) of on-disk pairs; required for 'manifest'."
+    )
     resolution: PositiveInt = Field(64, description="Square training resolution in pixels.")
     patch_size: PositiveInt = Field(
         8,
@@ -171,6 +173,27 @@ class DataConfig(_Section):
         "error", description="What to do with a missing/corrupt image or a wrong-size quality map."
     )
     max_bad_records: NonNegativeInt = Field(100, description="With on_bad_record=skip, fail after this many skips.")
+    validate_files: Literal["none", "quick", "full"] = Field(
+        "quick",
+        description=(
+            "Manifest check at load: 'quick' = files exist, image and quality-map headers readable, map sizes agree; "
+            "'full' also decodes every image and map; 'none' checks the JSON only."
+        ),
+    )
+    missing_maps: Literal["error", "uniform"] = Field(
+        "error",
+        description=(
+            "Manifest pairs without quality maps: 'error' refuses them (for quality-weighted losses); 'uniform' fills "
+            "both maps with data.uniform_quality."
+        ),
+    )
+    uniform_quality: Probability = Field(
+        0.0,
+        description=(
+            "Fill value of missing maps. 0: every reference patch weighted fully, every generated patch 'bad' "
+            "(patch_weighted_mse trains on references only, patch_dpo equals diffusion_dpo)."
+        ),
+    )
 
     @property
     def map_size(self) -> int:

@@ -148,7 +148,7 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
     """The training dataset (cached features or raw pairs) and the cache handle (None without a cache)."""
     from patchdpo_fast.data import CachedPairDataset, build_input_cache, build_pair_dataset
 
-    raw = build_pair_dataset(cfg.data)
+    raw = build_pair_dataset(cfg.data, needs_quality=cfg.loss.effective_weight_mode != "uniform")
     if not cfg.cache.enabled:
         return raw, None
     settings = {

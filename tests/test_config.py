@@ -288,3 +288,33 @@ def test_deepspeed_accepts_resolved_configs(in_repo: Path) -> None:
         parsed = ds_config.DeepSpeedConfig(resolve_deepspeed_config(cfg, world_size=1))
         assert parsed.zero_optimization_stage == int(name[4])
         assert parsed.train_micro_batch_size_per_gpu == 4
+
+
+def test_manifest_data_options(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    assert (cfg.data.validate_files, cfg.data.missing_maps, cfg.data.uniform_quality) == ("quick", "error", 0.0)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"format": "patchdpo-manifest", "version": 1}\n')
+    cfg = load_config(
+        None,
+        [
+            "data.source=manifest",
+            f"data.manifest_path={manifest}",
+            "data.missing_maps=uniform",
+            "data.uniform_quality=0.5",
+            "data.validate_files=full",
+        ],
+    )
+    assert cfg.data.manifest_path == manifest and cfg.data.missing_maps == "uniform"
+    assert cfg.data.uniform_quality == 0.5 and cfg.data.validate_files == "full"
+    for override, key in (
+        ("data.missing_maps=ignore", "data.missing_maps"),
+        ("data.uniform_quality=1.5", "data.uniform_quality"),
+        ("data.validate_files=deep", "data.validate_files"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert info.value.keys == [key]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.source=manifest", f"data.manifest_path={tmp_path / 'none.jsonl'}"])
+    assert info.value.keys == ["data.manifest_path"]

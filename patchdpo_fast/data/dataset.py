@@ -1,4 +1,4 @@
-"""Pair datasets, validating loaders for on-disk pairs, and a deterministic resumable distributed sampler.
+"""Pair datasets (procedural, manifest, legacy flat pair list) and a deterministic resumable distributed sampler.
 
 Every pair dataset yields a dict::
 
@@ -25,19 +25,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from patchdpo_fast.data.files import load_image, load_quality_map, probe_quality_map
+from patchdpo_fast.data.manifest import Manifest, ManifestPair, is_manifest_file
 from patchdpo_fast.data.procedural import ProceduralPairs
 
 if TYPE_CHECKING:
     from patchdpo_fast.config import DataConfig
 
 __all__ = [
+    "ManifestPairDataset",
     "OnDiskPairDataset",
     "PairRecord",
     "ProceduralPairDataset",
     "ResumableSampler",
+    "adapt_quality_map",
     "build_pair_dataset",
     "load_image",
     "load_quality_map",
@@ -100,80 +104,8 @@ class PairRecord:
     record_id: str
 
 
-def load_image(path: str | os.PathLike[str], resolution: int | None = None) -> torch.Tensor:
-    """Load an RGB image as a float32 ``(3, H, W)`` tensor in [0, 1], resized to ``resolution`` squared if given.
-
-    Images are resized, not cropped, so that quality maps computed on the full image stay aligned.
-
-    Raises:
-        FileNotFoundError: the file does not exist (the message names the path).
-        ValueError: the file cannot be decoded as an image (the message names the path).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    if resolution is not None and rgb.size != (resolution, resolution):
-        rgb = rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0.0, 1.0)
-
-
-def _read_map_array(path: Path) -> np.ndarray:
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        tensors = load_file(str(path))
-        if "quality" in tensors:
-            return tensors["quality"]
-        if len(tensors) != 1:
-            raise ValueError(f"expected one tensor or a 'quality' tensor, found {sorted(tensors)}")
-        return next(iter(tensors.values()))
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(img, dtype=np.float32) / 65535.0
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-
-
-def load_quality_map(path: str | os.PathLike[str], expected_size: tuple[int, int], record: str = "") -> torch.Tensor:
-    """Load a patch-quality map as float32 ``(h, w)`` and check its size and values.
-
-    Accepts ``.npy`` (no pickle), ``.safetensors`` (a single tensor or one named ``quality``) and grayscale
-    images (8-bit scaled by 1/255, 16-bit by 1/65535). A leading singleton dimension is dropped.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unreadable file, values outside [0, 1], or a size other than ``expected_size`` (the message
-            names the record, the expected and the actual size).
-    """
-    path = Path(path)
-    label = f"record {record!r}: " if record else ""
-    if not path.is_file():
-        raise FileNotFoundError(f"{label}quality map not found: {path}")
-    try:
-        array = np.asarray(_read_map_array(path), dtype=np.float32)
-    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
-        raise ValueError(f"{label}cannot read quality map {path}: {exc}") from None
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.shape != tuple(expected_size):
-        raise ValueError(f"{label}quality map {path} has size {tuple(array.shape)}, expected {tuple(expected_size)}")
-    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-        raise ValueError(f"{label}quality map {path} has values outside [0, 1]")
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
 def read_manifest(path: str | os.PathLike[str]) -> list[PairRecord]:
-    """Read a JSONL pair manifest.
+    """Read a legacy flat pair list (JSONL without a header; the versioned format is :class:`Manifest`).
 
     One JSON object per line with keys ``ref``, ``gen``, ``prompt``, ``q_ref``, ``q_gen`` and optionally ``id``;
     relative paths are relative to the manifest's folder. Blank lines are ignored. Files are not opened here.
@@ -298,20 +230,211 @@ class OnDiskPairDataset(Dataset):
         return {"kind": "on_disk", "resolution": self.resolution, "patch_size": self.patch_size, "records": entries}
 
 
-def build_pair_dataset(cfg: DataConfig) -> Dataset:
-    """The pair dataset described by a :class:`~patchdpo_fast.config.DataConfig`."""
+# ----------------------------------------------------------------------------------------------------------------
+# Manifest pairs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def adapt_quality_map(q: torch.Tensor, size: tuple[int, int], where: str = "") -> torch.Tensor:
+    """Bring a quality map ``(h, w)`` to the training grid ``size`` when the two differ by integer factors.
+
+    A finer map is averaged over each training cell (area pooling); a coarser one is repeated (each map cell covers
+    whole training cells). Other size ratios are refused.
+
+    Raises:
+        ValueError: sizes that are not integer multiples of each other, per axis (the message names ``where``).
+    """
+    h, w = q.shape
+    th, tw = size
+    if (h, w) == (th, tw):
+        return q
+    if h % th == 0 and w % tw == 0:
+        return F.avg_pool2d(q[None, None], kernel_size=(h // th, w // tw))[0, 0]
+    if th % h == 0 and tw % w == 0:
+        return q.repeat_interleave(th // h, 0).repeat_interleave(tw // w, 1)
+    label = f"{where}: " if where else ""
+    raise ValueError(
+        f"{label}quality map size {[h, w]} and the training grid {[th, tw]} (data.resolution / data.patch_size) "
+        "are not integer multiples of each other"
+    )
+
+
+class ManifestPairDataset(Dataset):
+    """The training pairs ``(reference, generated[k])`` of a :class:`~patchdpo_fast.data.manifest.Manifest`.
+
+    Images are resized to ``resolution`` squared; quality maps are brought to the ``resolution // patch_size``
+    grid (see :func:`adapt_quality_map`).
+
+    Args:
+        manifest: a loaded (validated) manifest.
+        resolution: square training resolution.
+        patch_size: pixels per quality-map cell.
+        on_bad_record: ``"error"`` raises on a file that fails to load; ``"skip"`` logs it and returns the next good
+            pair (batch shapes stay fixed), failing after ``max_bad_records`` such pairs (per process).
+        max_bad_records: see ``on_bad_record``.
+        missing_maps: pairs without quality maps: ``"error"`` refuses them at construction (naming them);
+            ``"uniform"`` fills both maps with ``uniform_quality``.
+        uniform_quality: the fill value of missing maps. The default 0 weights every reference patch fully and marks
+            every generated patch bad: patch_weighted_mse then trains on the references only (IP-Adapter's plain
+            objective) and patch_dpo equals diffusion_dpo.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        resolution: int,
+        patch_size: int = 8,
+        on_bad_record: str = "error",
+        max_bad_records: int = 100,
+        missing_maps: str = "error",
+        uniform_quality: float = 0.0,
+    ) -> None:
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if missing_maps not in ("error", "uniform"):
+            raise ValueError(f"missing_maps must be 'error' or 'uniform', got {missing_maps!r}")
+        if not 0.0 <= uniform_quality <= 1.0:
+            raise ValueError(f"uniform_quality must be in [0, 1], got {uniform_quality}")
+        if resolution % patch_size:
+            raise ValueError(f"resolution {resolution} is not a multiple of patch_size {patch_size}")
+        self.manifest = manifest
+        self.pairs: list[ManifestPair] = manifest.pairs()
+        if not self.pairs:
+            raise ValueError(f"manifest {manifest.path} holds no usable pairs")
+        self.resolution = resolution
+        self.patch_size = patch_size
+        self.grid = (resolution // patch_size, resolution // patch_size)
+        self.on_bad_record = on_bad_record
+        self.max_bad_records = max_bad_records
+        self.missing_maps = missing_maps
+        self.uniform_quality = float(uniform_quality)
+        self.bad_records: set[int] = set()
+        missing = [p for p in self.pairs if not p.has_maps]
+        if missing and missing_maps == "error":
+            shown = ", ".join(f"{p.record_id!r}[{p.k}] (line {p.line})" for p in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(
+                f"{manifest.path}: {len(missing)} of {len(self.pairs)} pairs have no quality maps: {shown}{more}. "
+                "Compute them with `patchdpo quality`, or set data.missing_maps=uniform to fill them with "
+                f"data.uniform_quality (now {self.uniform_quality:g})"
+            )
+        if manifest.map_size is not None:
+            adapt_quality_map(torch.zeros(manifest.map_size), self.grid, str(manifest.path))  # fail early
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _map(self, path: Path | None, pair: ManifestPair) -> torch.Tensor:
+        where = f"{pair.record_id}[{pair.k}]"
+        if path is None:
+            return torch.full(self.grid, self.uniform_quality, dtype=torch.float32)
+        size = self.manifest.map_size
+        if size is None:  # no declared size: take the file's (the manifest check made them all equal)
+            size = probe_quality_map(path)
+        return adapt_quality_map(load_quality_map(path, size, where), self.grid, where)
+
+    def load(self, index: int) -> PairItem:
+        """Load and validate one pair, raising on any problem regardless of ``on_bad_record``."""
+        pair = self.pairs[index]
+        return {
+            "ref_pixels": load_image(pair.reference, self.resolution),
+            "gen_pixels": load_image(pair.generated, self.resolution),
+            "prompt": pair.prompt,
+            "q_ref": self._map(pair.q_ref, pair),
+            "q_gen": self._map(pair.q_gen, pair),
+            "index": index,
+        }
+
+    def __getitem__(self, index: int) -> PairItem:
+        if self.on_bad_record == "error":
+            return self.load(index)
+        n = len(self.pairs)
+        for step in range(n):
+            current = (index + step) % n
+            if current in self.bad_records:
+                continue
+            try:
+                return self.load(current)
+            except (FileNotFoundError, ValueError) as exc:
+                self.bad_records.add(current)
+                pair = self.pairs[current]
+                logger.warning("skipping bad pair %s[%d] (line %s): %s", pair.record_id, pair.k, pair.line, exc)
+                if len(self.bad_records) > self.max_bad_records:
+                    raise RuntimeError(
+                        f"more than data.max_bad_records={self.max_bad_records} bad pairs; last: {exc}"
+                    ) from exc
+        raise RuntimeError("every pair is bad")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of the data for the input cache: manifest content, file sizes/mtimes and loader settings."""
+        return {
+            "kind": "manifest",
+            "manifest": str(self.manifest.path),
+            "content_sha256": self.manifest.content_hash(),
+            "files_sha256": self.manifest.files_fingerprint(),
+            "pairs": len(self.pairs),
+            "resolution": self.resolution,
+            "patch_size": self.patch_size,
+            "missing_maps": self.missing_maps,
+            "uniform_quality": self.uniform_quality,
+        }
+
+
+def _is_legacy_pair_list(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a legacy flat pair list: no manifest header, first line an object with ``ref``/``gen``."""
+    if is_manifest_file(path):
+        return False
+    try:
+        with Path(path).open(encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        entry = json.loads(first)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(entry, dict) and "ref" in entry and "gen" in entry
+
+
+def build_pair_dataset(cfg: DataConfig, *, needs_quality: bool = True) -> Dataset:
+    """The pair dataset described by a :class:`~patchdpo_fast.config.DataConfig`.
+
+    ``source: procedural`` builds the procedural pairs in memory; ``source: manifest`` loads
+    ``data.manifest_path``: a patchdpo manifest (validated with ``data.validate_files``, bad records handled by
+    ``data.on_bad_record`` / ``data.max_bad_records``) or, for files without the manifest header, the legacy flat
+    pair list (:func:`read_manifest`).
+
+    Args:
+        cfg: the data section.
+        needs_quality: whether the loss reads the quality maps. When False (uniform weights) pairs without maps are
+            accepted whatever ``data.missing_maps`` says (their maps are filled with ``data.uniform_quality``).
+    """
     if cfg.source == "procedural":
         return ProceduralPairDataset(
             cfg.procedural.num_pairs, resolution=cfg.resolution, seed=cfg.procedural.seed, patch_size=cfg.patch_size
         )
     if cfg.source == "manifest":
-        assert cfg.manifest_path is not None
-        return OnDiskPairDataset(
-            read_manifest(cfg.manifest_path),
+        if cfg.manifest_path is None:
+            raise ValueError("data.manifest_path is required when data.source is 'manifest'")
+        if _is_legacy_pair_list(cfg.manifest_path):
+            return OnDiskPairDataset(
+                read_manifest(cfg.manifest_path),
+                resolution=cfg.resolution,
+                patch_size=cfg.patch_size,
+                on_bad_record=cfg.on_bad_record,
+                max_bad_records=cfg.max_bad_records,
+            )
+        manifest = Manifest.load(
+            cfg.manifest_path,
+            check=cfg.validate_files,
+            on_bad_record=cfg.on_bad_record,
+            max_bad_records=cfg.max_bad_records,
+        )
+        return ManifestPairDataset(
+            manifest,
             resolution=cfg.resolution,
             patch_size=cfg.patch_size,
             on_bad_record=cfg.on_bad_record,
             max_bad_records=cfg.max_bad_records,
+            missing_maps=cfg.missing_maps if needs_quality else "uniform",
+            uniform_quality=cfg.uniform_quality,
         )
     raise ValueError(f"unknown data source {cfg.source!r}")
 
