@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Benchmark the fused PatchDPO loss kernels against the eager reference and torch.compile, in one command.
+# Benchmark, in one command: (1) a PatchDPO training step at SDXL architecture, this library's recipe vs the
+# official recipe side by side (benchmarks/test_bench_train.py), then (2) the fused PatchDPO loss kernels against the
+# eager reference and torch.compile (benchmarks/test_bench_losses.py).
 #
-#   bash benchmarks/run_gpu.sh [--quick] [--tile-sweep] [--allow-cpu]
+#   bash benchmarks/run_gpu.sh [--quick] [--tile-sweep] [--allow-cpu] [--no-train | --train-only]
 #
-#   --quick       one small shape per op (plumbing check, ~1 min)
+#   --quick       fewer training steps per recipe and one small shape per loss op (plumbing check, ~2 min)
 #   --tile-sweep  afterwards, time a few PATCHDPO_FAST_TILE settings (fwd+bwd, realistic shapes) in the time left
-#   --allow-cpu   without CUDA, run the CPU variant instead of failing (Triton cases skip); used to check plumbing
+#   --allow-cpu   without CUDA, run the CPU variant instead of failing (tiny training model, Triton cases skip)
 #   --cpu         force the CPU variant (what benchmarks/run_cpu.sh does)
+#   --no-train    skip the training-step stage (only the loss benchmarks, as before it existed)
+#   --train-only  only the training-step stage
 #
-# Needs python3 with torch, triton and pytest; pytest-benchmark is used when importable. The package does not need
-# to be installed: the checkout is put on PYTHONPATH and benchmarks/bench_common.py maps kernels/ to
+# Needs python3 with torch, triton and pytest (the training stage also diffusers, transformers, pydantic, pyyaml,
+# safetensors; bitsandbytes for its 8-bit variants); pytest-benchmark is used when importable. The package does not
+# need to be installed: the checkout is put on PYTHONPATH and benchmarks/bench_common.py maps kernels/ to
 # patchdpo_fast.kernels. Writes benchmarks/results/<gpu|cpu>_<device-slug>_<date>.{json,jsonl,md} (and
-# tiles_<...>.{json,md}), prints the markdown report, copies everything (and the log) to $OUT when set, and exits
-# non-zero when any benchmark, the report or the tile sweep failed.
+# tiles_<...>.{json,md}, train_<gpu|cpu>_<device-slug>_<date>.{json,md}), prints the markdown reports, copies
+# everything (and the log) to $OUT when set, and exits non-zero when any benchmark, report, the tile sweep or a
+# training recipe failed. A failing stage does not stop the others: each writes its own files.
 #
-# Time: the whole script aims to end within TOTAL_BUDGET_S (default 540 s). The suite stops starting new cases after
-# BENCH_BUDGET_S (default 330 s; expected ~3-4 min on an H200) and is killed at BENCH_TIMEOUT_S (default 450 s);
-# the tile sweep gets what is left (at most TILE_BUDGET_S, default 150 s) and is skipped below 45 s.
+# Time: the whole script aims to end within TOTAL_BUDGET_S (default 540 s). The training stage runs first (SDXL
+# build + 6 recipes; expected ~1.5-2 min on an H200), starts no new recipe after TRAIN_TIMEOUT_S - 60 s and is
+# interrupted at TRAIN_TIMEOUT_S (default 240 s; its JSON is rewritten after every recipe). The loss suite stops
+# starting new cases after BENCH_BUDGET_S (default 330 s; expected ~3-4 min on an H200) and is killed at
+# BENCH_TIMEOUT_S (default 450 s); after a training stage both are lowered if needed to fit what is left of
+# TOTAL_BUDGET_S (timeout = left - 30 s, budget = timeout - 120 s). The tile sweep gets what is left (at most
+# TILE_BUDGET_S, default 150 s) and is skipped below 45 s.
 # BENCH_COMPILE=static times torch.compile with one static-shape compile per case instead of one dynamic-shape
 # compile per op (a stronger baseline; ~80 Inductor compiles on the GPU set, so it does not fit 5 minutes).
 set -euo pipefail
@@ -32,13 +42,17 @@ QUICK=0
 TILES=0
 ALLOW_CPU=0
 DEVICE=cuda
+TRAIN=1
+LOSSES=1
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --tile-sweep) TILES=1 ;;
     --allow-cpu) ALLOW_CPU=1 ;;
     --cpu) DEVICE=cpu ;;
-    -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --no-train) TRAIN=0 ;;
+    --train-only) LOSSES=0 ;;
+    -h | --help) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +61,12 @@ TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-540}"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-330}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-450}"
 TILE_BUDGET_S="${TILE_BUDGET_S:-150}"
+TRAIN_TIMEOUT_S="${TRAIN_TIMEOUT_S:-240}"
 BENCH_COMPILE="${BENCH_COMPILE:-dynamic}"
+if [ "$TRAIN" = 0 ] && [ "$LOSSES" = 0 ]; then
+  echo "run_gpu.sh: --no-train and --train-only together leave nothing to run" >&2
+  exit 2
+fi
 
 if [ -n "${TRITON_INTERPRET:-}" ]; then
   echo "run_gpu.sh: unsetting TRITON_INTERPRET=${TRITON_INTERPRET} (the interpreter is for correctness tests only)"
@@ -68,6 +87,13 @@ print(f"python {platform.python_version()}  torch {torch.__version__}  triton {t
       f"pytest-benchmark {'yes' if importlib.util.find_spec('pytest_benchmark') else 'no (built-in stand-in)'}")
 print(f"cuda available: {torch.cuda.is_available()}"
       + (f"  device: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+versions = []
+for mod in ("diffusers", "transformers", "bitsandbytes"):
+    try:
+        versions.append(f"{mod} {__import__(mod).__version__}")
+    except Exception as exc:
+        versions.append(f"{mod} NOT IMPORTABLE ({type(exc).__name__})")
+print("training stage: " + "  ".join(versions))
 PYEOF
 
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -105,6 +131,42 @@ JSONL="$RES/$NAME.jsonl"
 MD="$RES/$NAME.md"
 TILES_JSON="$RES/tiles_${NAME#*_}.json"
 TILES_MD="$RES/tiles_${NAME#*_}.md"
+TRAIN_NAME="train_${PREFIX}_${SLUG}_$(date -u +%Y%m%d)"
+[ "$QUICK" = 1 ] && TRAIN_NAME="${TRAIN_NAME}_quick"
+TRAIN_JSON="$RES/$TRAIN_NAME.json"
+TRAIN_MD="$RES/$TRAIN_NAME.md"
+
+TRAIN_RC=0
+if [ "$TRAIN" = 1 ]; then
+  rm -f "$TRAIN_JSON" "$TRAIN_MD"
+  TRAIN_ARGS=(benchmarks/test_bench_train.py --device "$DEVICE" --out-json "$TRAIN_JSON" --out-md "$TRAIN_MD"
+              --budget-s $((TRAIN_TIMEOUT_S > 120 ? TRAIN_TIMEOUT_S - 60 : TRAIN_TIMEOUT_S / 2)))
+  [ "$QUICK" = 1 ] && TRAIN_ARGS+=(--quick)
+  TTIMEOUT=()
+  command -v timeout >/dev/null 2>&1 && TTIMEOUT=(timeout -s INT -k 30 "$TRAIN_TIMEOUT_S")
+  echo "== training step benchmark (timeout ${TRAIN_TIMEOUT_S} s): $PY ${TRAIN_ARGS[*]}"
+  set +e
+  ${TTIMEOUT[@]+"${TTIMEOUT[@]}"} "$PY" "${TRAIN_ARGS[@]}"
+  TRAIN_RC=$?
+  if [ -s "$TRAIN_JSON" ] && [ ! -s "$TRAIN_MD" ]; then  # interrupted: rebuild the report from the partial JSON
+    "$PY" benchmarks/train_report.py "$TRAIN_JSON" --out "$TRAIN_MD" && cat "$TRAIN_MD"
+  fi
+  [ -s "$TRAIN_JSON" ] || { echo "run_gpu.sh: the training benchmark wrote no results" >&2; [ "$TRAIN_RC" -ne 0 ] || TRAIN_RC=1; }
+  set -e
+  echo "== training step benchmark finished with exit status $TRAIN_RC after ${SECONDS} s: $TRAIN_JSON"
+  LEFT=$((TOTAL_BUDGET_S - SECONDS - 30))
+  if [ "$LOSSES" = 1 ] && [ "$LEFT" -lt "$BENCH_TIMEOUT_S" ]; then
+    [ "$LEFT" -lt 150 ] && LEFT=150
+    BENCH_TIMEOUT_S="$LEFT"
+    [ "$BENCH_BUDGET_S" -gt $((LEFT - 120)) ] && BENCH_BUDGET_S=$((LEFT - 120))
+    echo "== loss benchmarks get what is left of TOTAL_BUDGET_S=${TOTAL_BUDGET_S}: budget ${BENCH_BUDGET_S} s, timeout ${BENCH_TIMEOUT_S} s"
+  fi
+fi
+
+BENCH_RC=0
+TILE_RC=0
+REPORT_RC=0
+if [ "$LOSSES" = 1 ]; then
 rm -f "$JSON" "$JSONL" "$MD"
 echo "== results: $RES/$NAME.{json,jsonl,md}"
 
@@ -126,7 +188,6 @@ BENCH_RC=$?
 set -e
 echo "== benchmarks finished with exit status $BENCH_RC after ${SECONDS} s"
 
-TILE_RC=0
 if [ "$TILES" = 1 ]; then
   LEFT=$((TOTAL_BUDGET_S - SECONDS - 30))
   [ "$LEFT" -gt "$TILE_BUDGET_S" ] && LEFT="$TILE_BUDGET_S"
@@ -147,7 +208,6 @@ fi
 echo "== report"
 RARGS=(--out "$MD")
 [ -s "$TILES_JSON" ] && [ "$TILES" = 1 ] && RARGS+=(--tiles "$TILES_JSON")
-REPORT_RC=0
 set +e
 if [ -s "$JSON" ]; then
   "$PY" benchmarks/report.py "$JSON" "${RARGS[@]}"
@@ -166,16 +226,20 @@ if [ -s "$MD" ]; then
   echo
   cat "$MD"
 fi
+fi  # LOSSES
+
 if [ -n "${OUT:-}" ]; then
-  for f in "$JSON" "$JSONL" "$MD" "$TILES_JSON" "$TILES_MD"; do
+  for f in "$JSON" "$JSONL" "$MD" "$TILES_JSON" "$TILES_MD" "$TRAIN_JSON" "$TRAIN_MD"; do
     if [ -s "$f" ]; then cp "$f" "$OUT/"; fi
   done
   echo "== copied results to $OUT"
 fi
-echo "== done in ${SECONDS} s: benchmarks rc=$BENCH_RC, tile sweep rc=$TILE_RC, report rc=$REPORT_RC"
+[ "$TRAIN" = 1 ] && echo "== training step results: $TRAIN_MD (exit status $TRAIN_RC)"
+echo "== done in ${SECONDS} s: train rc=$TRAIN_RC, benchmarks rc=$BENCH_RC, tile sweep rc=$TILE_RC, report rc=$REPORT_RC"
 if [ "$BENCH_RC" -ne 0 ]; then exit "$BENCH_RC"; fi
 if [ "$REPORT_RC" -ne 0 ]; then exit "$REPORT_RC"; fi
-exit "$TILE_RC"
+if [ "$TILE_RC" -ne 0 ]; then exit "$TILE_RC"; fi
+exit "$TRAIN_RC"
 }
 
 if [ -n "${OUT:-}" ]; then

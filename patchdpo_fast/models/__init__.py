@@ -8,6 +8,8 @@ Public API:
 * :class:`IPAttnProcessor`, :class:`AttnProcessor` – diffusers attention processors with selectable backends
   (``sdpa`` / ``xformers`` / ``eager``, see :func:`resolve_backend`).
 * :func:`read_ip_adapter_file`, :func:`write_ip_adapter_file` – the stock IP-Adapter file format.
+* :func:`build_sdxl_models` – a randomly initialized SDXL-shaped stack from the configs in
+  :mod:`~patchdpo_fast.models.sdxl_config` (benchmarks at the real scale without weights; meta-device counts).
 """
 
 from .attention import (
@@ -22,6 +24,7 @@ from .attention import (
 from .build import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PatchDPOModels, build_models
 from .ip_adapter import IPAdapterUNet, cross_attention_processor_names, read_ip_adapter_file, write_ip_adapter_file
 from .resampler import PerceiverAttention, Resampler, resampler_config_from_state_dict
+from .sdxl_config import build_sdxl_components, build_sdxl_models
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -36,6 +39,8 @@ __all__ = [
     "XFormersUnavailableError",
     "attention",
     "build_models",
+    "build_sdxl_components",
+    "build_sdxl_models",
     "cross_attention_processor_names",
     "read_ip_adapter_file",
     "resampler_config_from_state_dict",
