@@ -172,7 +172,19 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
         )
     env.barrier()
     cached = CachedPairDataset(cfg.cache.dir)
+    _release_encoders(models, env)
     return cached, cached
+
+
+def _release_encoders(models: Any, env: DistEnv) -> None:
+    """With the input cache built, the VAE and the text/image encoders are not needed on the accelerator."""
+    if env.device.type == "cpu":
+        return
+    for name in ("vae", "text_encoder", "text_encoder_2", "image_encoder"):
+        module = getattr(models, name, None)
+        if module is not None:
+            module.to("cpu")
+    torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
