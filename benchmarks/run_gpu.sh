@@ -73,6 +73,12 @@ if [ -n "${TRITON_INTERPRET:-}" ]; then
   unset TRITON_INTERPRET
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G "$REPO/.whl/*.whl" > /dev/null; then  # wheels carried by benchmarks/fetch_gpu_wheels.sh
+  echo "== installing carried wheels from .whl/ into /tmp/patchdpo_site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/patchdpo_site \
+    "$REPO"/.whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/patchdpo_site"
+fi
 export TOKENIZERS_PARALLELISM=false
 
 echo "== preflight ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
