@@ -48,6 +48,7 @@ from typing import Any
 
 from patchdpo_fast.data.files import IMAGE_SUFFIXES, atomic_write_bytes, save_image_atomic
 from patchdpo_fast.data.manifest import GeneratedImage, Manifest, ManifestRecord, merge_manifests, relative_path
+from patchdpo_fast.utils import parse_shard
 
 __all__ = [
     "DEFAULT_LIVE_CLASSES",
@@ -302,22 +303,6 @@ def _record_order(rec: ManifestRecord) -> tuple[Any, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 # Sharding, settings, merging
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"i/n"``; without it ``RANK`` / ``WORLD_SIZE`` from the environment; else ``(0, 1)``."""
-    if text is None:
-        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if rank is None or world is None:
-            return 0, 1
-        text = f"{rank}/{world}"
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"shard must look like 'i/n', got {text!r}")
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard index must be in [0, {count}), got {index}/{count}")
-    return index, count
 
 
 def part_path(out_dir: str | os.PathLike[str], shard: tuple[int, int]) -> Path:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +42,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from patchdpo_fast.utils import atomic_write_bytes
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -96,16 +97,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, prefix=_TMP_PREFIX)
 
 
 def _write_index(cache_dir: Path, index: dict[str, Any]) -> None:

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from patchdpo_fast.utils import parse_shard
 
 from ._io import atomic_write_json
 from .dreambench import (
@@ -64,22 +65,6 @@ DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low q
 CONTACT_SHEET_DIR = "_contact_sheets"
 
 RUN_FORMAT = "patchdpo-dreambench-run"
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``; without it ``RANK`` / ``WORLD_SIZE`` from the environment, else ``(0, 1)``."""
-    if text is None:
-        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if rank is None or world is None:
-            return 0, 1
-        text = f"{rank}/{world}"
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"shard must look like 'i/n', got {text!r}")
-    index, count = int(match.group(1)), int(match.group(2))
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard index must be in [0, {count}), got {index}/{count}")
-    return index, count
 
 
 @dataclass

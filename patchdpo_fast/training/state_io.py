@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from patchdpo_fast.utils import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "flatten_state", "load_state", "save_state", "unflatten_state"]
 
@@ -79,36 +80,11 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _atomic_replace(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def save_state(obj: Any, path_stem: str | os.PathLike) -> None:
     """Write ``obj`` to ``<stem>.safetensors`` and ``<stem>.json`` (each atomically)."""
     stem = Path(path_stem)
     skeleton, tensors = flatten_state(obj)
-    _atomic_replace(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
     atomic_write_json(stem.with_suffix(".json"), skeleton)
 
 
