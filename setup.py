@@ -22,6 +22,7 @@ setup(
     packages=_packages,
     package_dir={"patchdpo_fast": "patchdpo_fast", "patchdpo_fast.kernels": "kernels"},
     include_package_data=True,
+    package_data={"patchdpo_fast.quality": ["assets/*.json", "assets/*/*.json", "assets/*/*/*"]},
     install_requires=[
         # Core: the fused loss ops need only these.
         "torch>=2.4",

@@ -1,0 +1,419 @@
+"""``patchdpo quality-train``: self-supervised training of the quality backbone (DESIGN.md section 1, step 2).
+
+    patchdpo quality-train --images DIR [--images DIR ...] --out DIR --minutes M [--backbone PATH|tiny]
+                           [--seed S] [--exclude-subjects a,b]
+
+Every step draws a batch of photos and makes, per photo, two views with a known geometric correspondence (a
+reference view and a "generated" view: independent flips, zooms, rotations and translations, photometric jitter)
+and pastes synthetic local corruptions into the generated view (patches from another photo, blur, recolour,
+shuffle; :mod:`.synthetic`). The dense, patch-level objective on the L2-normalized patch features ``f``:
+
+* **correspondence InfoNCE** in both directions: a clean generated patch must pick its corresponding reference
+  patch among all reference patches of the pair (softmax over ``cos / tau``; the target is spread bilinearly over
+  the 4 reference cells around the corresponding point), and a reference patch whose counterpart is clean must pick
+  it among the generated patches (corrupted patches are negatives there, never targets);
+* **best-match classification**: the best cosine similarity of every generated patch to the reference patches
+  (and of every reference patch to the generated ones) goes through a learned affine map and a class-balanced
+  binary cross-entropy: clean/reproduced = 1, corrupted = 0. This is exactly the quantity the estimator reports,
+  so it directly pushes corrupted patches below clean ones.
+
+The run is bounded by ``--minutes`` of training time (summed over resumed runs), shows a progress bar, writes an
+atomic checkpoint every ``--checkpoint-every`` seconds into ``OUT/checkpoints/`` (each one a folder
+``PatchQualityEstimator.from_pretrained`` loads, plus the optimizer state; safetensors and JSON only) and resumes
+from the latest one when started again with the same ``--out``. At the end it fits the calibration on the training
+photos and writes the estimator folder ``OUT`` (``quality_config.json`` + ``backbone/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from patchdpo_fast.quality.estimator import PatchQualityEstimator
+from patchdpo_fast.quality.images import load_photos, parse_subjects
+from patchdpo_fast.quality.synthetic import (
+    Corruptions,
+    Geometry,
+    Photometric,
+    SyntheticPairs,
+    make_pairs,
+)
+
+__all__ = ["TrainSettings", "dense_patch_loss", "main", "make_training_pairs"]
+
+#: Views during training: stronger than the benchmark's change, so the features learn the invariances.
+TRAIN_GEN_GEOMETRY = Geometry(flip_p=0.5, zoom=(1.0, 1.5), rotate_deg=8.0)
+TRAIN_REF_GEOMETRY = Geometry(flip_p=0.5, zoom=(1.0, 1.2), rotate_deg=3.0)
+TRAIN_GEN_PHOTOMETRIC = Photometric(brightness=0.25, contrast=0.25, saturation=0.25, hue_deg=15.0)
+TRAIN_REF_PHOTOMETRIC = Photometric(brightness=0.1, contrast=0.1, saturation=0.1, hue_deg=5.0)
+#: Blur and shuffle are drawn twice as often as paste and recolour: they are the hardest to see (a blurred or
+#: shuffled patch still resembles smooth or textured patches elsewhere in the reference).
+TRAIN_CORRUPTIONS = Corruptions(
+    kinds=("paste", "blur", "blur", "recolor", "shuffle", "shuffle"), regions=(1, 4), region_cells=(1, 4)
+)
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of the dense objective and the optimizer (defaults tuned for the tiny ViT on a CPU)."""
+
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    tau: float = 0.1
+    bce_weight: float = 1.0
+    grad_clip: float = 1.0
+    photo_size: int = 256
+
+
+def make_training_pairs(
+    sources: torch.Tensor, grid: tuple[int, int], g: torch.Generator, size: tuple[int, int] | None = None
+) -> SyntheticPairs:
+    """Pairs for one training step (both views augmented, corruptions in the generated view), made at ``size``
+    (the estimator's input size: the views are warped at the photos' resolution, then resized and corrupted)."""
+    return make_pairs(
+        sources, grid, g, size=size,
+        gen_geometry=TRAIN_GEN_GEOMETRY, ref_geometry=TRAIN_REF_GEOMETRY,
+        gen_photometric=TRAIN_GEN_PHOTOMETRIC, ref_photometric=TRAIN_REF_PHOTOMETRIC,
+        corruptions=TRAIN_CORRUPTIONS,
+    )  # fmt: skip
+
+
+def _bilinear_targets(coords: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets ``(N, P, P)`` spreading each mapped point over the 4 surrounding cells, and row validity."""
+    n, gh, gw, _ = coords.shape
+    p = gh * gw
+    c = coords.reshape(n, p, 2)
+    valid = torch.isfinite(c).all(dim=-1)
+    c = torch.nan_to_num(c, nan=0.0)
+    r0, c0 = torch.floor(c[..., 0]), torch.floor(c[..., 1])
+    fr, fc = c[..., 0] - r0, c[..., 1] - c0
+    target = torch.zeros(n, p, p)
+    for dr, wr in ((0, 1 - fr), (1, fr)):
+        for dc, wc in ((0, 1 - fc), (1, fc)):
+            rr = (r0 + dr).clamp(0, gh - 1).long()
+            cc = (c0 + dc).clamp(0, gw - 1).long()
+            target.scatter_add_(2, (rr * gw + cc)[..., None], (wr * wc)[..., None])
+    target[~valid] = 0.0
+    return target, valid
+
+
+def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of the positives plus mean BCE of the negatives (either may be empty)."""
+    loss = logits.new_zeros(())
+    for mask, y in ((positive, 1.0), (~positive, 0.0)):
+        if mask.any():
+            loss = loss + F.binary_cross_entropy_with_logits(logits[mask], torch.full_like(logits[mask], y))
+    return loss
+
+
+def dense_patch_loss(
+    ref_feat: torch.Tensor,
+    gen_feat: torch.Tensor,
+    pairs: SyntheticPairs,
+    head: nn.Module,
+    tau: float = 0.1,
+    bce_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The dense objective (module docstring) for features ``(N, h, w, D)`` of the two views of ``pairs``."""
+    n, gh, gw, _ = gen_feat.shape
+    grid = (gh, gw)
+    fr = F.normalize(ref_feat.float().flatten(1, 2), dim=-1)
+    fg = F.normalize(gen_feat.float().flatten(1, 2), dim=-1)
+    sim = fg @ fr.transpose(1, 2)  # (N, Pg, Pr)
+    labels = pairs.labels.reshape(n, -1).to(sim.device)
+
+    # generated -> reference InfoNCE over clean generated patches with a counterpart
+    tg, vg = _bilinear_targets(pairs.gen_to_ref, grid)
+    tg, vg = tg.to(sim.device), vg.to(sim.device) & (labels == 0)
+    nce_g = -(tg * F.log_softmax(sim / tau, dim=-1)).sum(-1)
+    nce_g = nce_g[vg].mean() if vg.any() else sim.new_zeros(())
+
+    # reference -> generated InfoNCE; targets only on clean generated cells
+    tr, vr = _bilinear_targets(pairs.ref_to_gen, grid)
+    tr = tr.to(sim.device) * (labels == 0)[:, None, :].float()
+    mass = tr.sum(-1)
+    vr = vr.to(sim.device) & (mass > 0.5)
+    tr = tr / mass.clamp(min=1e-6)[..., None]
+    nce_r = -(tr * F.log_softmax(sim.transpose(1, 2) / tau, dim=-1)).sum(-1)
+    nce_r = nce_r[vr].mean() if vr.any() else sim.new_zeros(())
+
+    # best-match classification, generated side: clean (1) vs corrupted (0)
+    best_g = sim.amax(dim=-1)
+    keep_g = labels >= 0
+    bce_g = _balanced_bce(head(best_g[keep_g]), labels[keep_g] == 0)
+
+    # reference side: a reference patch is "reproduced" when the generated cell nearest its counterpart is clean
+    rc = pairs.ref_to_gen.reshape(n, -1, 2).to(sim.device)
+    has = torch.isfinite(rc).all(dim=-1)
+    rr = torch.nan_to_num(rc[..., 0]).round().clamp(0, gh - 1).long()
+    cc = torch.nan_to_num(rc[..., 1]).round().clamp(0, gw - 1).long()
+    ref_label = torch.gather(labels, 1, rr * gw + cc)
+    keep_r = has & (ref_label >= 0)
+    best_r = sim.amax(dim=1)
+    bce_r = _balanced_bce(head(best_r[keep_r]), ref_label[keep_r] == 0)
+
+    loss = nce_g + nce_r + bce_weight * (bce_g + bce_r)
+    with torch.no_grad():
+        clean = best_g[labels == 0]
+        bad = best_g[labels == 1]
+        gap = float(clean.mean() - bad.mean()) if clean.numel() and bad.numel() else float("nan")
+    stats = {
+        "loss": float(loss.detach()),
+        "nce_g": float(nce_g.detach()),
+        "nce_r": float(nce_r.detach()),
+        "bce_g": float(bce_g.detach()),
+        "bce_r": float(bce_r.detach()),
+        "gap": gap,
+    }
+    return loss, stats
+
+
+class _AffineHead(nn.Module):
+    """``logit = exp(log_scale) * (s - bias)``: turns a best-match similarity into a clean-vs-corrupted logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * (s - self.bias)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(idx)][k] = "tensor"
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entry in meta["state"].items():
+        state[int(idx)] = {k: (tensors[f"opt.{idx}.{k}"] if v == "tensor" else v) for k, v in entry.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _write_checkpoint(
+    root: Path,
+    est: PatchQualityEstimator,
+    head: nn.Module,
+    opt: torch.optim.Optimizer,
+    g: torch.Generator,
+    progress: dict[str, Any],
+) -> Path:
+    """Write ``root/checkpoints/step-XXXXXXX`` through a temporary folder and a rename, then point ``latest`` at it."""
+    ckpts = root / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"step-{progress['step']:07d}"
+    tmp = ckpts / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    est.save_pretrained(tmp, extra={"training": progress})
+    tensors, meta = _optimizer_tensors(opt)
+    for k, v in head.state_dict().items():
+        tensors[f"head.{k}"] = v.detach().cpu().contiguous()
+    tensors["rng"] = g.get_state()
+    save_file(tensors, str(tmp / "train_state.safetensors"))
+    (tmp / "train_state.json").write_text(json.dumps({"progress": progress, "optimizer": meta}, indent=1) + "\n")
+    final = ckpts / name
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    latest_tmp = ckpts / f".latest-{os.getpid()}"
+    latest_tmp.write_text(name + "\n")
+    latest_tmp.replace(ckpts / "latest")
+    for old in ckpts.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "train_state.json").is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="patchdpo quality-train",
+        description="Self-supervised dense training of the patch quality backbone (time-bounded, resumable).",
+    )
+    p.add_argument("--images", action="append", required=True, help="photo folder (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (estimator + checkpoints/)")
+    p.add_argument("--minutes", type=float, required=True, help="training time budget, summed over resumed runs")
+    p.add_argument("--backbone", default="tiny", help="'tiny' or a local ViT/DINOv2 / estimator folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny backbone and of the data (default 0)")
+    p.add_argument("--exclude-subjects", action="append", help="comma-separated subjects to leave out (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None, help="photos per step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 for tiny, 1e-5 for pretrained)")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per checkpoint instead)")
+    return p
+
+
+def _lr_at(settings: TrainSettings, step: int, frac: float) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 5 % over the time budget (``frac`` in [0, 1])."""
+    warm = min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    cos = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return settings.lr * warm * cos
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.minutes < 0:
+        print("quality-train: --minutes must be >= 0", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    out = Path(args.out)
+    exclude = parse_subjects(args.exclude_subjects) or []
+
+    settings = TrainSettings()
+    if args.batch_size:
+        settings.batch_size = args.batch_size
+    pretrained = args.backbone != "tiny"
+    settings.lr = args.lr if args.lr is not None else (1e-5 if pretrained else settings.lr)
+
+    photos = load_photos(args.images, size=settings.photo_size, exclude=exclude)
+    if len(photos) < 2:
+        print("quality-train: need at least 2 photos", file=sys.stderr)
+        return 2
+    est = (
+        PatchQualityEstimator.from_pretrained(args.backbone)
+        if pretrained
+        else PatchQualityEstimator.tiny(seed=args.seed)
+    )
+    est = est.to(device)
+    head = _AffineHead().to(device)
+    params = list(est.backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    progress: dict[str, Any] = {
+        "step": 0,
+        "train_seconds": 0.0,
+        "budget_seconds": args.minutes * 60.0,
+        "backbone": args.backbone,
+        "seed": args.seed,
+        "photos": len(photos),
+        "subjects": sorted(set(photos.subjects)),
+        "excluded_subjects": exclude,
+        "settings": settings.__dict__,
+        "device": str(device),
+    }
+
+    ckpt = None if args.no_resume else _latest_checkpoint(out)
+    if ckpt is not None:
+        state = json.loads((ckpt / "train_state.json").read_text())
+        tensors = load_file(str(ckpt / "train_state.safetensors"))
+        resumed = PatchQualityEstimator.from_pretrained(ckpt)
+        est.backbone.load_state_dict(resumed.backbone.state_dict())
+        head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        _load_optimizer(opt, tensors, state["optimizer"])
+        g.set_state(tensors["rng"])
+        progress.update(step=state["progress"]["step"], train_seconds=state["progress"]["train_seconds"])
+        print(f"quality-train: resuming from {ckpt} (step {progress['step']}, {progress['train_seconds']:.0f} s done)")
+
+    budget = args.minutes * 60.0
+    flip_setting = est.flip_invariant
+    est.flip_invariant = False  # train the plain features; the symmetrization is applied at estimation time
+    est.backbone.train()
+    grid = est.grid_size
+    amp = device.type == "cuda"
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=round(budget), initial=min(round(progress["train_seconds"]), round(budget)), unit="s")
+    last_ckpt = time.perf_counter()
+    stats: dict[str, float] = {}
+    while progress["train_seconds"] < budget:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(photos), (settings.batch_size,), generator=g)
+        pairs = make_training_pairs(photos.images[idx], grid, g, est.image_size)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(settings, progress["step"], progress["train_seconds"] / max(budget, 1e-9))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pix = est.preprocess(torch.cat([pairs.reference, pairs.generated]))
+            feats = est.features_from_pixels(pix)
+            n = pairs.reference.shape[0]
+            loss, stats = dense_patch_loss(feats[:n], feats[n:], pairs, head, settings.tau, settings.bce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        opt.step()
+        dt = time.perf_counter() - t0
+        progress["step"] += 1
+        progress["train_seconds"] += dt
+        progress["last"] = stats
+        if bar is not None:
+            bar.update(min(round(progress["train_seconds"]), round(budget)) - bar.n)
+            bar.set_postfix(step=progress["step"], loss=f"{stats['loss']:.3f}", gap=f"{stats['gap']:.3f}")
+        if time.perf_counter() - last_ckpt >= args.checkpoint_every and progress["train_seconds"] < budget:
+            est.flip_invariant = flip_setting
+            _write_checkpoint(out, est, head, opt, g, progress)
+            est.flip_invariant = False
+            last_ckpt = time.perf_counter()
+            if bar is None:
+                print(
+                    f"quality-train: step {progress['step']} {progress['train_seconds']:.0f} s loss {stats['loss']:.4f}"
+                )
+    if bar is not None:
+        bar.close()
+
+    est.flip_invariant = flip_setting
+    est.backbone.eval()
+    _write_checkpoint(out, est, head, opt, g, progress)
+    t_cal = time.perf_counter()
+    try:
+        est.fit_calibration(photos.images, seed=args.seed)
+    except ValueError as exc:
+        print(f"quality-train: calibration not fitted, keeping {est.calibration}: {exc}", file=sys.stderr)
+    progress["calibration_seconds"] = round(time.perf_counter() - t_cal, 2)
+    est.save_pretrained(out, extra={"training": progress})
+    c = est.calibration
+    print(
+        f"quality-train: {progress['step']} steps in {progress['train_seconds']:.0f} s on {device}; calibration "
+        f"low {c.low:.4f} high {c.high:.4f}; wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""quality-train and quality-eval end to end on a few tiny synthetic photos (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from quality_helpers import synthetic_photos
+
+from patchdpo_fast.quality import PatchQualityEstimator
+from patchdpo_fast.quality.evaluate import main as eval_main
+from patchdpo_fast.quality.train_backbone import main as train_main
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Two subjects with two 64 px photos each, in the dreambench256 layout."""
+    root = tmp_path_factory.mktemp("photos")
+    imgs = synthetic_photos(4, size=64, seed=5)
+    for i, img in enumerate(imgs):
+        sub = root / ("alpha" if i < 2 else "beta")
+        sub.mkdir(exist_ok=True)
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(sub / f"{i:02d}.png")
+    return root
+
+
+def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ["--images", str(photo_dir), "--out", str(out), "--batch-size", "2", "--no-progress"]
+    assert train_main([*args, "--minutes", "0.02", "--exclude-subjects", "beta"]) == 0
+    cfg = json.loads((out / "quality_config.json").read_text())
+    training = cfg["extra"]["training"]
+    assert training["step"] >= 1 and training["subjects"] == ["alpha"] and training["excluded_subjects"] == ["beta"]
+    assert cfg["calibration"]["kind"] == "linear"
+    est = PatchQualityEstimator.from_pretrained(out)
+    assert est.grid_size == (16, 16) and est.flip_invariant
+    assert (out / "checkpoints" / "latest").is_file()
+    # a second run with a larger budget continues from the checkpoint
+    minutes = (training["train_seconds"] + 0.5) / 60
+    assert train_main([*args, "--minutes", f"{minutes:.4f}", "--exclude-subjects", "beta"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    again = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
+    assert again["step"] > training["step"]
+
+
+def test_quality_eval_reports_auroc_and_ap(photo_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    rc = eval_main(
+        ["--images", str(photo_dir), "--estimator", "tiny", "--out", str(out), "--pairs", "1", "--all-subjects"]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["subjects"] == ["alpha", "beta"] and res["pairs"] == 4 and res["grid"] == [16, 16]
+    assert 0.0 <= res["overall"]["auroc"] <= 1.0 and 0.0 <= res["overall"]["ap"] <= 1.0
+    assert set(res["per_subject"]) == {"alpha", "beta"}
+    assert set(res["per_kind"]) == {"paste", "blur", "recolor", "shuffle"}
+
+
+def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["alpha"], "eval": ["beta"]}))
+    base = ["--images", str(photo_dir), "--out", str(out), "--pairs", "1"]
+    assert eval_main([*base, "--split-file", str(split)]) == 0
+    assert json.loads(out.read_text())["subjects"] == ["beta"]
+    with pytest.raises(ValueError, match="subjects not found"):
+        eval_main([*base, "--subjects", "gamma"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        eval_main([*base, "--estimator", str(tmp_path / "missing")])
+    assert eval_main([*base, "--kinds", "smudge"]) == 2
