@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: patchdpo <command> [options]\n\ncommands:")
+        width = max(len(name) for name in COMMANDS) + 2
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<14} {help_text}")
+            print(f"  {name:<{width}}{help_text}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
