@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("patchdpo_fast.data.import_official", "import the official PatchDPO pair layout"),
     "procedural-pairs": ("patchdpo_fast.data.procedural", "write the procedural demo pairs as a manifest"),
     "quality-train": ("patchdpo_fast.quality.train_backbone", "self-supervised training of the patch-quality backbone"),
+    "quality": ("patchdpo_fast.quality.manifest_maps", "compute patch quality maps for a manifest (--visualize)"),
     "quality-eval": ("patchdpo_fast.quality.evaluate", "corruption-localization benchmark (AUROC, AP) of an estimator"),
     "generate": ("patchdpo_fast.eval.generate", "generate the DreamBench protocol with an IP-Adapter-Plus adapter"),
     "evaluate": ("patchdpo_fast.eval.evaluate", "score DreamBench images: DINO, CLIP-I, CLIP-T beside the paper"),
