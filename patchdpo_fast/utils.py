@@ -18,6 +18,15 @@ from typing import Any
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "parse_shard"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], prefix: str | None = None) -> Path:
     """Call ``write(tmp_path)`` to produce the file, then move it onto ``path`` atomically.
 
@@ -28,6 +37,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], pre
     fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

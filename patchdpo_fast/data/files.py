@@ -11,9 +11,7 @@ Nothing here unpickles: ``.npy`` files are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
+
+from patchdpo_fast.utils import atomic_write, atomic_write_bytes
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -222,38 +222,12 @@ def load_quality_map(path: str | os.PathLike[str], expected_size: tuple[int, int
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _temporary_sibling(path: Path):
-    """A temporary path next to ``path`` that replaces it on success and is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (readers see the old file or the whole new one, never a part)."""
-    path = Path(path)
-    with _temporary_sibling(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
 def save_image_atomic(image: Any, path: str | os.PathLike[str]) -> Path:
     """Save an image (anything :func:`to_pil` takes) atomically; the format follows the suffix (PNG by default)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}.get(path.suffix.lower(), "PNG")
     pil = to_pil(image)
-    with _temporary_sibling(path) as tmp:
-        pil.save(tmp, format=fmt)
-    return path
+    return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
 
 
 def write_quality_map(path: str | os.PathLike[str], values: Any) -> Path:

@@ -490,3 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     print(f"wrote {args.num_pairs} pairs: {path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
