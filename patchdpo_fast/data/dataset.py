@@ -147,7 +147,44 @@ def read_manifest(path: str | os.PathLike[str]) -> list[PairRecord]:
     return records
 
 
-class OnDiskPairDataset(Dataset):
+class _SkippingPairDataset(Dataset):
+    """Shared ``__getitem__`` of the on-disk pair datasets: ``on_bad_record='skip'`` moves on to the next good pair.
+
+    Subclasses provide ``load(index)`` (raising ``FileNotFoundError`` / ``ValueError`` on a bad pair),
+    ``describe(index)`` and the attributes ``on_bad_record``, ``max_bad_records`` and ``bad_records``.
+    """
+
+    on_bad_record: str
+    max_bad_records: int
+    bad_records: set[int]
+
+    def load(self, index: int) -> PairItem:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> PairItem:
+        if self.on_bad_record == "error":
+            return self.load(index)
+        n = len(self)  # type: ignore[arg-type]
+        for step in range(n):
+            current = (index + step) % n
+            if current in self.bad_records:
+                continue
+            try:
+                return self.load(current)
+            except (FileNotFoundError, ValueError) as exc:
+                self.bad_records.add(current)
+                logger.warning("skipping bad %s: %s", self.describe(current), exc)
+                if len(self.bad_records) > self.max_bad_records:
+                    raise RuntimeError(
+                        f"more than data.max_bad_records={self.max_bad_records} bad pairs; last: {exc}"
+                    ) from exc
+        raise RuntimeError("every pair is bad")
+
+
+class OnDiskPairDataset(_SkippingPairDataset):
     """Pairs stored as image and quality-map files, validated as they are read.
 
     Args:
@@ -196,24 +233,8 @@ class OnDiskPairDataset(Dataset):
             "index": index,
         }
 
-    def __getitem__(self, index: int) -> PairItem:
-        if self.on_bad_record == "error":
-            return self.load(index)
-        n = len(self.records)
-        for step in range(n):
-            current = (index + step) % n
-            if current in self.bad_records:
-                continue
-            try:
-                return self.load(current)
-            except (FileNotFoundError, ValueError) as exc:
-                self.bad_records.add(current)
-                logger.warning("skipping bad pair record %d (%s): %s", current, self.records[current].record_id, exc)
-                if len(self.bad_records) > self.max_bad_records:
-                    raise RuntimeError(
-                        f"more than data.max_bad_records={self.max_bad_records} bad pair records; last: {exc}"
-                    ) from exc
-        raise RuntimeError("every pair record is bad")
+    def describe(self, index: int) -> str:
+        return f"record {index} ({self.records[index].record_id})"
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the data for the input cache: record paths, prompts and file sizes/mtimes."""
@@ -259,7 +280,7 @@ def adapt_quality_map(q: torch.Tensor, size: tuple[int, int], where: str = "") -
     )
 
 
-class ManifestPairDataset(Dataset):
+class ManifestPairDataset(_SkippingPairDataset):
     """The training pairs ``(reference, generated[k])`` of a :class:`~patchdpo_fast.data.manifest.Manifest`.
 
     Images are resized to ``resolution`` squared; quality maps are brought to the ``resolution // patch_size``
@@ -345,25 +366,9 @@ class ManifestPairDataset(Dataset):
             "index": index,
         }
 
-    def __getitem__(self, index: int) -> PairItem:
-        if self.on_bad_record == "error":
-            return self.load(index)
-        n = len(self.pairs)
-        for step in range(n):
-            current = (index + step) % n
-            if current in self.bad_records:
-                continue
-            try:
-                return self.load(current)
-            except (FileNotFoundError, ValueError) as exc:
-                self.bad_records.add(current)
-                pair = self.pairs[current]
-                logger.warning("skipping bad pair %s[%d] (line %s): %s", pair.record_id, pair.k, pair.line, exc)
-                if len(self.bad_records) > self.max_bad_records:
-                    raise RuntimeError(
-                        f"more than data.max_bad_records={self.max_bad_records} bad pairs; last: {exc}"
-                    ) from exc
-        raise RuntimeError("every pair is bad")
+    def describe(self, index: int) -> str:
+        pair = self.pairs[index]
+        return f"pair {pair.record_id}[{pair.k}] (line {pair.line})"
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the data for the input cache: manifest content, file sizes/mtimes and loader settings."""
