@@ -29,7 +29,7 @@ import torch
 from .build import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PatchDPOModels
 from .ip_adapter import IPAdapterUNet, cross_attention_processor_names
 from .resampler import Resampler
-from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer
+from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer, instantiate_components
 
 __all__ = [
     "SDXL_IMAGE_ENCODER",
@@ -168,14 +168,7 @@ def build_sdxl_components(
     ``device="meta"`` nothing is allocated (for parameter and FLOP counts). Deterministic in ``seed`` for a given
     device; the caller's RNG state is left untouched.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from diffusers import DDPMScheduler
 
     dev = torch.device(device)
     tokenizer = build_tiny_tokenizer()
@@ -186,28 +179,18 @@ def build_sdxl_components(
         "pad_token_id": tokenizer.pad_token_id,
     }
     with _rng_scope(dev), dev:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**SDXL_VAE)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER, **special))
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **special))
-        torch.manual_seed(seed + 4)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SDXL_IMAGE_ENCODER))
+        modules = instantiate_components(
+            SDXL_UNET, SDXL_VAE, {**SDXL_TEXT_ENCODER, **special}, {**SDXL_TEXT_ENCODER_2, **special},
+            SDXL_IMAGE_ENCODER, seed,
+        )  # fmt: skip
     if dtype != torch.float32:
-        for module in (unet, text_encoder, text_encoder_2, image_encoder):
-            module.to(dtype)
+        for name in ("unet", "text_encoder", "text_encoder_2", "image_encoder"):
+            modules[name].to(dtype)
     return {
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "text_encoder_2": text_encoder_2.eval(),
+        **modules,
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "scheduler": DDPMScheduler.from_config(SDXL_DDPM_CONFIG),
-        "image_encoder": image_encoder.eval(),
     }
 
 

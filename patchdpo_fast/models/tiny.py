@@ -174,14 +174,9 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
     is left untouched.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from transformers import (
         CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
     )
 
     tokenizer = build_tiny_tokenizer()
@@ -193,27 +188,59 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
         "pad_token_id": tokenizer.pad_token_id,
     }
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**TINY_VAE)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER, **special))
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER, **special))
-        torch.manual_seed(seed + 4)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER))
+        modules = instantiate_components(
+            TINY_UNET, TINY_VAE, {**TINY_TEXT_ENCODER, **special}, {**TINY_TEXT_ENCODER, **special},
+            TINY_IMAGE_ENCODER, seed,
+        )  # fmt: skip
     size = TINY_IMAGE_ENCODER["image_size"]
     return {
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "text_encoder_2": text_encoder_2.eval(),
+        **modules,
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "scheduler": DDPMScheduler.from_config(SDXL_DDPM_CONFIG),
-        "image_encoder": image_encoder.eval(),
         "feature_extractor": CLIPImageProcessor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         ),
+    }
+
+
+def instantiate_components(
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text_encoder: dict[str, Any],
+    text_encoder_2: dict[str, Any],
+    image_encoder: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Randomly initialized UNet, VAE, both text encoders and the CLIP image encoder from their configs (eval mode).
+
+    Each component is seeded on its own (``seed``, ``seed + 1``, ...), so one component's size does not change the
+    others' weights. Runs in the caller's RNG scope and device context.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    unet_model = UNet2DConditionModel(**unet)
+    torch.manual_seed(seed + 1)
+    vae_model = AutoencoderKL(**vae)
+    torch.manual_seed(seed + 2)
+    text_model = CLIPTextModel(CLIPTextConfig(**text_encoder))
+    torch.manual_seed(seed + 3)
+    text_model_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2))
+    torch.manual_seed(seed + 4)
+    image_model = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder))
+    return {
+        "unet": unet_model.eval(),
+        "vae": vae_model.eval(),
+        "text_encoder": text_model.eval(),
+        "text_encoder_2": text_model_2.eval(),
+        "image_encoder": image_model.eval(),
     }
