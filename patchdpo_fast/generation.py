@@ -53,6 +53,9 @@ SCHEDULERS: tuple[str, ...] = ("euler", "ddim", "dpm", "ddpm")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+#: The negative prompt of IP-Adapter's SDXL examples, used by build-pairs and DreamBench generation.
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
 
 def make_scheduler(name: str, config: Any) -> Any:
     """A diffusers sampler built from the training noise scheduler's ``config``.

@@ -48,6 +48,7 @@ from typing import Any
 
 from patchdpo_fast.data.files import IMAGE_SUFFIXES, atomic_write_bytes, save_image_atomic
 from patchdpo_fast.data.manifest import GeneratedImage, Manifest, ManifestRecord, merge_manifests, relative_path
+from patchdpo_fast.generation import DEFAULT_NEGATIVE_PROMPT
 from patchdpo_fast.utils import parse_shard
 
 __all__ = [
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 SETTINGS_NAME = "build_pairs.json"
 MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_LIVE_CLASSES: tuple[str, ...] = ("dog", "cat")
-DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+DEFAULT_NEGATIVE = DEFAULT_NEGATIVE_PROMPT
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 _CLASS_KEYS = {"", "class", "1"}

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchdpo_fast.generation import DEFAULT_NEGATIVE_PROMPT
 from patchdpo_fast.utils import parse_shard
 
 from ._io import atomic_write_json
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 #: IP-Adapter's default negative prompt (used by the official DreamBench inference).
-DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 #: Folder (under the output root) of the per-subject contact sheets.
 CONTACT_SHEET_DIR = "_contact_sheets"
