@@ -217,7 +217,12 @@ def _linear(
     dtype: torch.dtype | None,
     device: torch.device | str | None,
 ) -> nn.Linear:
-    """A bias-free Linear, randomly initialized or (without a wasted random init) a copy of ``init``."""
+    """A bias-free Linear, randomly initialized or (without a wasted random init) a copy of ``init``.
+
+    ``device=None`` means torch's default device (``skip_init`` would otherwise leave the weight on the meta device).
+    """
+    if device is None:
+        device = torch.get_default_device()
     if init is None:
         return nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
     layer = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype, device=device)
