@@ -230,8 +230,10 @@ def save_image_atomic(image: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
 
 
-def write_quality_map(path: str | os.PathLike[str], values: Any) -> Path:
+def write_quality_map(path: str | os.PathLike[str], values: Any, metadata: dict[str, str] | None = None) -> Path:
     """Write a quality map ``(h, w)`` in [0, 1] as float32 ``.safetensors`` (tensor ``quality``), atomically.
+
+    ``metadata`` (strings) is stored in the file's header next to ``format`` (e.g. the estimator that made it).
 
     Raises:
         ValueError: not 2-D, non-finite or outside [0, 1], or a path not ending in ``.safetensors``.
@@ -250,4 +252,5 @@ def write_quality_map(path: str | os.PathLike[str], values: Any) -> Path:
         raise ValueError(f"a quality map must be (h, w), got shape {array.shape}")
     if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
         raise ValueError("quality map values must be finite and within [0, 1]")
-    return atomic_write_bytes(path, save({QUALITY_KEY: array}, metadata={"format": "patchdpo-quality-map"}))
+    header = {"format": "patchdpo-quality-map", **(metadata or {})}
+    return atomic_write_bytes(path, save({QUALITY_KEY: array}, metadata=header))

@@ -19,11 +19,12 @@ For every training pair ``(reference, generated[k])`` of the manifest that has n
    recorded in the manifest, which is saved atomically after **every batch**.
 
 So a killed run loses at most one batch: starting the same command again computes only what is missing. Maps that
-are recorded but missing, unreadable or of another size than the target are recomputed. The header key
-``quality_maps`` records the estimator (kind and settings, including its calibration); continuing a manifest with
-a *different* estimator is refused unless ``--overwrite``, so one manifest never mixes two estimators' maps.
-``--overwrite`` first clears every recorded map (saved at once), so an interrupted ``--overwrite`` run is continued
-by the same command *without* ``--overwrite``.
+are recorded but missing, unreadable or of another size than the target are recomputed. Every map file records the
+tag of the estimator that made it (a hash of its settings and weights, in the file's safetensors metadata) and the
+header key ``quality_maps`` records the estimator (kind, settings including its calibration, SHA-256 of its
+weights): a run recomputes every map made by another estimator, or of unknown origin (maps written by
+``procedural-pairs``, imported or older ones), so one manifest never mixes two estimators' maps and maps of a
+replaced estimator are never reported as present. ``--overwrite`` recomputes every map, its own included.
 
 ``--visualize DIR`` writes one PNG per pair (``DIR/<record id>_<k>.png``): reference | generated | generated
 quality | reference quality, the quality drawn as a red (0) -> yellow -> green (1) overlay on the training grid, with
@@ -36,6 +37,7 @@ Python: :func:`compute_manifest_maps` (used by the command line) returns a :clas
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -57,15 +59,20 @@ __all__ = [
     "ManifestMapsSummary",
     "compute_manifest_maps",
     "estimator_identity",
+    "estimator_tag",
     "load_estimator",
     "main",
+    "map_estimator_tag",
     "pair_panel",
+    "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Manifest header key recording which estimator computed the maps (see the module docstring).
 HEADER_KEY = "quality_maps"
+#: Metadata key of each map file holding the tag of the estimator that made it (:func:`estimator_tag`).
+MAP_TAG_KEY = "estimator"
 _TRAINED_NAMES = ("trained", "tiny-trained")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,28 +120,49 @@ def load_estimator(
     return PatchQualityEstimator.from_pretrained(folder, device=device, dtype=dtype), "folder"
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (every tensor's name, dtype, shape and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def estimator_identity(estimator: PatchQualityEstimator, kind: str, source: str | None = None) -> dict[str, Any]:
     """What the manifest header records about the estimator: its kind, its settings (image size, normalization,
-    calibration, ...) and, for information, where it came from. Two estimators with equal ``kind`` and
-    ``settings`` are treated as the same one."""
+    calibration, ...), the SHA-256 of its weights, the tag written into every map it makes
+    (:func:`estimator_tag`) and, for information, where it came from."""
     settings = {k: v for k, v in estimator.config_dict().items() if k not in ("format", "version", "backbone")}
     settings["calibration"] = {k: v for k, v in settings["calibration"].items() if k != "info"}  # keep the anchors
     out: dict[str, Any] = {"kind": kind, "settings": json.loads(json.dumps(settings))}
+    out["weights_sha256"] = weights_digest(estimator)
+    out["tag"] = estimator_tag(out)
     if source is not None:
         out["source"] = source
     return out
 
 
-def _same_estimator(recorded: Any, identity: dict[str, Any]) -> bool:
-    if not isinstance(recorded, dict) or "estimator" not in recorded:
-        return True  # maps of unknown origin (procedural, imported, older runs): nothing to compare
-    previous = recorded["estimator"]
-    if not isinstance(previous, dict):
-        return False
-    keys = ("kind", "settings")
-    return json.dumps({k: previous.get(k) for k in keys}, sort_keys=True) == json.dumps(
-        {k: identity.get(k) for k in keys}, sort_keys=True
-    )
+def estimator_tag(identity: dict[str, Any]) -> str:
+    """Short id of an estimator (settings and weights; not its name or location), stored in each map it writes."""
+    keys = ("settings", "weights_sha256")
+    text = json.dumps({k: identity.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def map_estimator_tag(path: str | Path) -> str | None:
+    """The estimator tag stored in a quality-map file (None: not a safetensors map written with one)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            return (handle.metadata() or {}).get(MAP_TAG_KEY)
+    except Exception:  # unreadable: _map_ok reports it
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,6 +182,7 @@ class ManifestMapsSummary:
         pairs: training pairs in the manifest.
         already_present: pairs whose valid maps were kept.
         invalid: recorded maps found missing, unreadable or of another size (cleared, to be recomputed).
+        other_estimator: recorded maps made by another estimator, or of unknown origin (cleared, to be recomputed).
         computed: pairs computed by this run.
         remaining: pairs still without maps (``limit`` reached).
         batches: batches run (the manifest was saved after each one).
@@ -169,6 +198,7 @@ class ManifestMapsSummary:
     pairs: int = 0
     already_present: int = 0
     invalid: int = 0
+    other_estimator: int = 0
     computed: int = 0
     remaining: int = 0
     batches: int = 0
@@ -402,7 +432,8 @@ def compute_manifest_maps(
         batch_size: pairs per estimator call (and per manifest save).
         map_size: ``h`` or ``(h, w)`` of the stored maps (the training grid ``data.resolution / data.patch_size``);
             default: the manifest's ``map_size``, else the size of its existing maps, else the estimator's grid.
-        overwrite: recompute every pair (all recorded maps are cleared first).
+        overwrite: recompute every pair (all recorded maps are cleared first). Without it, maps made by another
+            estimator (or of unknown origin) are recomputed too; only this estimator's valid maps are kept.
         visualize: folder for one PNG panel per pair (:func:`pair_panel`).
         limit: compute at most this many pairs in this call (the rest stays missing; call again to continue).
         progress: show a tqdm progress bar.
@@ -414,7 +445,7 @@ def compute_manifest_maps(
     Raises:
         FileNotFoundError: no manifest, or no estimator folder.
         ManifestError: bad records (schema, unreadable images; all listed with their lines).
-        ValueError: bad arguments, or maps of another estimator already in the manifest (without ``overwrite``).
+        ValueError: bad arguments.
     """
     from tqdm.auto import tqdm
 
@@ -441,15 +472,16 @@ def compute_manifest_maps(
     identity = estimator_identity(est, kind, source)
     grid = tuple(int(v) for v in est.grid_size)
 
-    # 1. the target size and the recorded maps that stay
+    # 1. the target size and the recorded maps that stay: readable, of the target size, made by this estimator
     pairs = manifest.pairs()
     target = requested or manifest.map_size
-    invalid = 0
+    invalid = other = 0
     if overwrite:
         for p in pairs:
             if p.has_maps:
                 manifest.set_quality_maps(p.record_id, p.k, None, None)
     else:
+        tag = identity["tag"]
         for p in pairs:
             if not p.has_maps:
                 continue
@@ -459,6 +491,16 @@ def compute_manifest_maps(
             if not ok:
                 manifest.set_quality_maps(p.record_id, p.k, None, None)
                 invalid += 1
+            elif not map_estimator_tag(p.q_ref) == map_estimator_tag(p.q_gen) == tag:
+                manifest.set_quality_maps(p.record_id, p.k, None, None)
+                other += 1
+        if other:
+            previous = (manifest.header.get(HEADER_KEY) or {}).get("estimator", {})
+            logger.warning(
+                "%s: %d pair(s) have quality maps made by another estimator (%s) or of unknown origin; they are "
+                "recomputed with this one (%s)",
+                path, other, previous.get("kind", "unknown") if isinstance(previous, dict) else "unknown", kind,
+            )  # fmt: skip
         if invalid:
             logger.warning(
                 "%s: %d pair(s) had missing, unreadable or not %s quality maps; they are recomputed",
@@ -466,13 +508,6 @@ def compute_manifest_maps(
             )  # fmt: skip
     target = target or grid
     kept = sum(1 for p in manifest.pairs() if p.has_maps)
-    if kept and not _same_estimator(manifest.header.get(HEADER_KEY), identity):
-        previous = manifest.header[HEADER_KEY].get("estimator")
-        raise ValueError(
-            f"{path}: {kept} pair(s) have maps from another estimator ({json.dumps(previous)}); this run uses "
-            f"{json.dumps(identity)}. One manifest must not mix two estimators' maps: pass --overwrite "
-            "(overwrite=True) to recompute every pair, or use the same estimator"
-        )
 
     # 2. every image must be readable before any work
     report = manifest.validate("quick")
@@ -483,7 +518,7 @@ def compute_manifest_maps(
     missing_total = len(todo)
     if limit is not None:
         todo = todo[: int(limit)]
-    if todo or invalid or overwrite:
+    if todo or invalid or other or overwrite:
         manifest.map_size = target
     if todo:
         manifest.header[HEADER_KEY] = {
@@ -503,6 +538,7 @@ def compute_manifest_maps(
         pairs=len(pairs),
         already_present=kept,
         invalid=invalid,
+        other_estimator=other,
     )
     panels_dir = Path(visualize) if visualize is not None else None
     if panels_dir is not None:
@@ -521,8 +557,8 @@ def compute_manifest_maps(
             q_ref, q_gen = (m.float().cpu() for m in resize_to_latent(maps, target))
             for i, p in enumerate(batch):
                 ref_file, gen_file = manifest.default_map_paths(p.record_id, p.k)
-                write_quality_map(ref_file, q_ref[i])
-                write_quality_map(gen_file, q_gen[i])
+                write_quality_map(ref_file, q_ref[i], metadata={MAP_TAG_KEY: identity["tag"]})
+                write_quality_map(gen_file, q_gen[i], metadata={MAP_TAG_KEY: identity["tag"]})
                 manifest.set_quality_maps(p.record_id, p.k, ref_file, gen_file)
                 if panels_dir is not None:
                     panel = pair_panel(refs[i], gens[i], q_ref[i], q_gen[i], caption=p.prompt, size=panel_size)
@@ -599,8 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stored map size, the training grid data.resolution/data.patch_size (default: the manifest's "
         "map_size, else its existing maps' size, else the estimator's grid)",
     )
-    p.add_argument("--overwrite", action="store_true", help="recompute every pair (continue an interrupted "
-                   "--overwrite run without it)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="recompute every pair (without it: the pairs without "
+                   "maps of this estimator)")  # fmt: skip
     p.add_argument("--visualize", type=Path, default=None, metavar="DIR", help="write one PNG panel per pair here")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="compute at most N pairs in this run")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")

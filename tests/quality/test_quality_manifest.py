@@ -106,11 +106,11 @@ def test_interrupted_run_ends_with_the_same_maps(blank_pairs, tmp_path, trained,
     # "killed" while writing the second pair of the next run: its q_ref file exists, its q_gen does not
     real_write, calls = files_mod.write_quality_map, []
 
-    def dying_write(path, values):
+    def dying_write(path, values, **kwargs):
         calls.append(path)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real_write(path, values)
+        return real_write(path, values, **kwargs)
 
     monkeypatch.setattr(files_mod, "write_quality_map", dying_write)
     with pytest.raises(KeyboardInterrupt):
@@ -156,11 +156,10 @@ def test_map_size_estimator_change_and_overwrite(pairs_dir, trained, tmp_path):
     fine = run(pairs_dir, trained, map_size=(16, 16))
     assert (fine.invalid, fine.computed) == (4, 4)
     assert next(iter(stored_maps(pairs_dir).values()))[2].shape == (16, 16)
-    # maps of another estimator are not mixed in
-    with pytest.raises(ValueError, match="another estimator"):
-        run(pairs_dir, "tiny", estimator_name=None)
-    redone = run(pairs_dir, "tiny", estimator_name=None, overwrite=True)
-    assert redone.computed == 4 and redone.estimator == "tiny(seed=0)" and redone.map_size == (16, 16)
+    # maps of another estimator are not mixed in: they are recomputed by the new one
+    redone = run(pairs_dir, "tiny", estimator_name=None)
+    assert (redone.other_estimator, redone.computed, redone.already_present) == (4, 4, 0)
+    assert redone.estimator == "tiny(seed=0)" and redone.map_size == (16, 16)
     # a deleted map file is recomputed
     (pairs_dir / "maps" / "pair-00001" / "0.q_gen.safetensors").unlink()
     again = run(pairs_dir, "tiny", estimator_name=None)
@@ -171,10 +170,9 @@ def test_estimator_folder_and_bad_records(pairs_dir, trained, tmp_path):
     folder = trained.save_pretrained(tmp_path / "estimator")
     summary = run(pairs_dir, str(folder), estimator_name=None, limit=1)
     assert summary.estimator == "folder" and summary.computed == 1
-    # continuing needs the same kind of estimator with the same settings (a copy loaded from elsewhere is another)
-    with pytest.raises(ValueError, match="another estimator"):
-        run(pairs_dir, trained)
-    assert run(pairs_dir, str(folder), estimator_name=None).computed == 3
+    # the same settings and weights loaded from elsewhere are the same estimator: its map is kept
+    assert (run(pairs_dir, trained, limit=1).already_present, run(pairs_dir, trained, limit=0).computed) == (1, 0)
+    assert run(pairs_dir, str(folder), estimator_name=None).computed == 2
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run(pairs_dir, str(tmp_path / "missing"), estimator_name=None)
     (pairs_dir / "generated" / "00003.png").write_bytes(b"not a png")
@@ -223,3 +221,31 @@ def test_the_manifest_trains(pairs_dir, trained, tmp_path):
     result = train(cfg)
     assert result.final_step == 2 and result.nan_skips == 0 and result.adapter_path.is_file()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_maps_of_another_estimator_or_unknown_origin_are_recomputed(pairs_dir, trained, tmp_path):
+    """An ``--overwrite`` run killed before it cleared anything, then rerun without it: the old maps must not stay.
+
+    Maps record the estimator that made them (settings and weights): the procedural ground-truth maps (unknown
+    origin) and the maps of an estimator with the same settings but other weights are recomputed.
+    """
+    procedural = Manifest.load(write_procedural_manifest(tmp_path / "proc", NUM_PAIRS, resolution=64, seed=1))
+    assert not procedural.pairs_missing_maps()
+    summary = run(procedural.path.parent, trained)  # e.g. `quality --overwrite` killed while loading, then rerun
+    assert (summary.computed, summary.already_present) == (NUM_PAIRS, 0)
+    assert summary.other_estimator == NUM_PAIRS
+    from patchdpo_fast.quality.manifest_maps import map_estimator_tag
+
+    tag = Manifest.load(procedural.path).header[HEADER_KEY]["estimator"]["tag"]
+    for pair in Manifest.load(procedural.path).pairs():
+        assert map_estimator_tag(pair.q_ref) == map_estimator_tag(pair.q_gen) == tag
+
+    run(pairs_dir, trained)
+    retrained = PatchQualityEstimator.tiny_trained()  # same settings, other weights (e.g. trained further)
+    with torch.no_grad():
+        next(retrained.backbone.parameters()).add_(1e-3)
+    again = run(pairs_dir, retrained)
+    assert (again.other_estimator, again.computed, again.already_present) == (NUM_PAIRS, NUM_PAIRS, 0)
+    header = Manifest.load(pairs_dir / "manifest.jsonl").header[HEADER_KEY]["estimator"]
+    assert header["tag"] != tag and len(header["weights_sha256"]) == 64
+    assert run(pairs_dir, retrained).already_present == NUM_PAIRS
