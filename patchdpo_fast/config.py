@@ -172,7 +172,9 @@ class DataConfig(_Section):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="What to do with a missing/corrupt image or a wrong-size quality map."
     )
-    max_bad_records: NonNegativeInt = Field(100, description="With on_bad_record=skip, fail after this many skips.")
+    max_bad_records: NonNegativeInt = Field(
+        100, description="With on_bad_record=skip, fail after this many distinct bad pairs (all DataLoader workers)."
+    )
     validate_files: Literal["none", "quick", "full"] = Field(
         "quick",
         description=(

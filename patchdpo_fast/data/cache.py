@@ -19,10 +19,12 @@ plus the prompts as JSON in the shard's metadata, and ``null.safetensors`` with 
 conditioning dropout: ``encode_prompts([""])`` and ``encode_reference`` of an all-zero (black) reference image.
 
 ``index.json`` records the cache format, a fingerprint (SHA-256 of the dataset's ``fingerprint()``, the caller's
-encoder settings, shard size and dtype) and, per finished shard, its file name, item range ``[start, stop)``, byte
-size and SHA-256. Files are written to a temporary name, fsynced and moved into place with ``os.replace``; the index
-is rewritten (atomically) after every shard, so an interrupted build resumes from the finished shards. A shard whose
-checksum no longer matches is rebuilt by :func:`build_input_cache` and reported by :class:`CachedPairDataset`.
+encoder settings, shard size and dtype), per finished shard its file name, item range ``[start, stop)``, byte
+size and SHA-256, and the records a dataset with ``on_bad_record='skip'`` skipped (``bad_records``: another pair
+stands in their rows; such a cache is refused for a dataset with ``on_bad_record='error'``). Files are written to a
+temporary name, fsynced and moved into place with ``os.replace``; the index is rewritten (atomically) after every
+shard, so an interrupted build resumes from the finished shards. A shard whose checksum no longer matches is
+rebuilt by :func:`build_input_cache` and reported by :class:`CachedPairDataset`.
 """
 
 from __future__ import annotations
@@ -259,6 +261,8 @@ def build_input_cache(
         }
         _write_index(cache_dir, index)
 
+    _check_bad_records(cache_dir, index, dataset)
+
     # Which recorded shards can be trusted?
     num_shards = (num_items + shard_size - 1) // shard_size
     good: dict[int, dict[str, Any]] = {}
@@ -291,12 +295,46 @@ def build_input_cache(
                 )  # fmt: skip
                 good[shard] = entry
                 index["shards"] = sorted(good.values(), key=lambda e: e["shard"])
+                _record_bad_records(index, dataset)
                 _write_index(cache_dir, index)
         finally:
             bar.close()
     index["complete"] = True
     _write_index(cache_dir, index)
     return index
+
+
+def _record_bad_records(index: dict[str, Any], dataset: Dataset) -> None:
+    """Add the records the dataset skipped (``on_bad_record='skip'``: another pair's data stands in their rows)."""
+    bad = getattr(dataset, "bad_records", None)
+    if not bad:
+        return
+    describe = getattr(dataset, "describe", None)
+    known = {int(e["index"]): e for e in index.get("bad_records", [])}
+    for i in sorted(set(bad) - set(known)):
+        known[i] = {"index": int(i), "record": describe(i) if describe else f"item {i}"}
+    index["bad_records"] = [known[i] for i in sorted(known)]
+
+
+def _check_bad_records(cache_dir: Path, index: Mapping[str, Any], dataset: Dataset) -> None:
+    """A cache built while skipping bad records must not silently stand in for data read with stricter settings."""
+    bad = index.get("bad_records") or []
+    if not bad:
+        return
+    shown = ", ".join(e["record"] for e in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    policy = getattr(dataset, "on_bad_record", None)
+    if policy == "error":
+        raise CacheError(
+            f"the input cache in {cache_dir} was built with data.on_bad_record=skip and stands in other pairs for "
+            f"{len(bad)} bad record(s): {shown}. Fix those records and delete the cache, or set "
+            "data.on_bad_record=skip"
+        )
+    limit = getattr(dataset, "max_bad_records", None)
+    if limit is not None and len(bad) > limit:
+        raise CacheError(
+            f"the input cache in {cache_dir} skipped {len(bad)} bad record(s) ({shown}), more than "
+            f"data.max_bad_records={limit}"
+        )
 
 
 def _write_null(

@@ -147,16 +147,75 @@ def read_manifest(path: str | os.PathLike[str]) -> list[PairRecord]:
     return records
 
 
+class _BadRecordLog:
+    """The distinct bad records met so far, shared by the DataLoader worker processes reading one dataset.
+
+    One byte per record in shared memory (plus a counter under the same lock): every worker marks what it met, so
+    ``data.max_bad_records`` bounds the bad records of the whole process, not of each worker. The shared memory is
+    handed to workers when they start (forked or spawned); any other copy of the dataset (``copy.deepcopy``,
+    pickling) gets a private snapshot.
+    """
+
+    def __init__(self, size: int) -> None:
+        import ctypes
+        import multiprocessing
+
+        self._flags: Any = multiprocessing.Array(ctypes.c_uint8, max(1, size))
+        self._count: Any = multiprocessing.RawValue(ctypes.c_int64, 0)
+
+    def add(self, index: int) -> int:
+        """Mark ``index`` bad; returns the number of distinct bad records."""
+        with self._flags.get_lock():
+            if not self._flags[index]:
+                self._flags[index] = 1
+                self._count.value += 1
+            return int(self._count.value)
+
+    def __contains__(self, index: object) -> bool:
+        return bool(self._flags[int(index)])  # type: ignore[call-overload]
+
+    def __len__(self) -> int:
+        return int(self._count.value)
+
+    def snapshot(self) -> set[int]:
+        """The bad record indices."""
+        with self._flags.get_lock():
+            if not self._count.value:
+                return set()
+            return {i for i, flag in enumerate(self._flags.get_obj()) if flag}
+
+    def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing import context
+
+        if context.get_spawning_popen() is not None:  # a DataLoader worker being started: share the memory
+            return {"flags": self._flags, "count": self._count}
+        return {"snapshot": self.snapshot(), "size": len(self._flags)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "flags" in state:
+            self._flags, self._count = state["flags"], state["count"]
+            return
+        self.__init__(state["size"])
+        for index in state["snapshot"]:
+            self.add(index)
+
+
 class _SkippingPairDataset(Dataset):
     """Shared ``__getitem__`` of the on-disk pair datasets: ``on_bad_record='skip'`` moves on to the next good pair.
 
     Subclasses provide ``load(index)`` (raising ``FileNotFoundError`` / ``ValueError`` on a bad pair),
-    ``describe(index)`` and the attributes ``on_bad_record``, ``max_bad_records`` and ``bad_records``.
+    ``describe(index)``, the attributes ``on_bad_record`` and ``max_bad_records``, and create ``_bad`` (a
+    :class:`_BadRecordLog` of their length).
     """
 
     on_bad_record: str
     max_bad_records: int
-    bad_records: set[int]
+    _bad: _BadRecordLog
+
+    @property
+    def bad_records(self) -> set[int]:
+        """Indices of the bad records met so far (by this process and its DataLoader workers)."""
+        return self._bad.snapshot()
 
     def load(self, index: int) -> PairItem:
         raise NotImplementedError
@@ -170,16 +229,17 @@ class _SkippingPairDataset(Dataset):
         n = len(self)  # type: ignore[arg-type]
         for step in range(n):
             current = (index + step) % n
-            if current in self.bad_records:
+            if current in self._bad:
                 continue
             try:
                 return self.load(current)
             except (FileNotFoundError, ValueError) as exc:
-                self.bad_records.add(current)
+                count = self._bad.add(current)
                 logger.warning("skipping bad %s: %s", self.describe(current), exc)
-                if len(self.bad_records) > self.max_bad_records:
+                if count > self.max_bad_records:
                     raise RuntimeError(
-                        f"more than data.max_bad_records={self.max_bad_records} bad pairs; last: {exc}"
+                        f"more than data.max_bad_records={self.max_bad_records} bad pairs ({count} met, counted "
+                        f"across DataLoader workers); last: {exc}"
                     ) from exc
         raise RuntimeError("every pair is bad")
 
@@ -193,7 +253,8 @@ class OnDiskPairDataset(_SkippingPairDataset):
         patch_size: quality maps must be ``resolution // patch_size`` cells a side.
         on_bad_record: ``"error"`` raises on a missing/corrupt file or a wrong-size map; ``"skip"`` logs it and
             returns the next good record instead (so batch shapes stay fixed).
-        max_bad_records: with ``"skip"``, raise once more than this many bad records were met (per process).
+        max_bad_records: with ``"skip"``, raise once more than this many bad records were met (shared by the
+            DataLoader workers of one process).
     """
 
     def __init__(
@@ -215,7 +276,7 @@ class OnDiskPairDataset(_SkippingPairDataset):
         self.patch_size = patch_size
         self.on_bad_record = on_bad_record
         self.max_bad_records = max_bad_records
-        self.bad_records: set[int] = set()
+        self._bad = _BadRecordLog(len(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -291,7 +352,8 @@ class ManifestPairDataset(_SkippingPairDataset):
         resolution: square training resolution.
         patch_size: pixels per quality-map cell.
         on_bad_record: ``"error"`` raises on a file that fails to load; ``"skip"`` logs it and returns the next good
-            pair (batch shapes stay fixed), failing after ``max_bad_records`` such pairs (per process).
+            pair (batch shapes stay fixed), failing after ``max_bad_records`` such pairs (counted across the
+            DataLoader workers of one process).
         max_bad_records: see ``on_bad_record``.
         missing_maps: pairs without quality maps: ``"error"`` refuses them at construction (naming them);
             ``"uniform"`` fills both maps with ``uniform_quality``.
@@ -329,7 +391,7 @@ class ManifestPairDataset(_SkippingPairDataset):
         self.max_bad_records = max_bad_records
         self.missing_maps = missing_maps
         self.uniform_quality = float(uniform_quality)
-        self.bad_records: set[int] = set()
+        self._bad = _BadRecordLog(len(self.pairs))
         missing = [p for p in self.pairs if not p.has_maps]
         if missing and missing_maps == "error":
             shown = ", ".join(f"{p.record_id!r}[{p.k}] (line {p.line})" for p in missing[:5])

@@ -154,3 +154,57 @@ def test_bad_records_at_load_and_at_read(procedural_dir: Path, tmp_path: Path) -
     assert lenient[1]["index"] == 2 and lenient.bad_records == {1}
     with pytest.raises(ManifestError, match="unreadable image"):
         build_pair_dataset(manifest_cfg(tmp_path / "manifest.jsonl", validate_files="full"))
+
+
+def _with_truncated(tmp_path: Path, name: str, bad: tuple[int, ...], num_pairs: int = 4) -> Path:
+    """A procedural manifest whose reference images ``bad`` are truncated (they pass the quick check, fail to load)."""
+    out = tmp_path / name
+    write_procedural_manifest(out, num_pairs=num_pairs, resolution=64, seed=1)
+    for i in bad:
+        png = out / "references" / f"{i:05d}.png"
+        png.write_bytes(png.read_bytes()[:200])
+    return out / "manifest.jsonl"
+
+
+def test_max_bad_records_counts_across_dataloader_workers(tmp_path: Path) -> None:
+    """Two workers each meet one bad record: with max_bad_records=1 that is one too many for the process."""
+    path = _with_truncated(tmp_path, "pairs", bad=(1, 3))
+    dataset = build_pair_dataset(manifest_cfg(path, on_bad_record="skip", max_bad_records=1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=[1, 3, 0, 2], num_workers=2)
+    with pytest.raises(RuntimeError, match=r"max_bad_records=1 bad pairs \(2 met"):
+        list(loader)
+    assert dataset.bad_records == {1, 3}  # what the workers met is visible to the main process
+
+    # within the limit: every batch arrives, each bad record replaced by the next good pair
+    dataset = build_pair_dataset(manifest_cfg(path, on_bad_record="skip", max_bad_records=2))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=[1, 3, 0, 2], num_workers=2)
+    assert [int(b["index"]) for b in loader] == [2, 0, 0, 2]
+    # a copy (not a worker) keeps a private snapshot
+    import copy
+
+    clone = copy.deepcopy(dataset)
+    assert clone.bad_records == {1, 3}
+
+
+def test_a_cache_built_while_skipping_is_refused_under_on_bad_record_error(tmp_path: Path) -> None:
+    from patchdpo_fast.data import CacheError, build_input_cache
+
+    path = _with_truncated(tmp_path, "pairs", bad=(2,))
+    encoders = {
+        "encode_images": lambda p: torch.nn.functional.avg_pool2d(p, 8).repeat(1, 2, 1, 1)[:, :4],
+        "encode_prompts": lambda prompts: (torch.ones(len(prompts), 2, 3), None),
+        "encode_reference": lambda p: p.mean(dim=(2, 3))[:, None, :],
+    }
+    opts = {"shard_size": 2, "progress": False, "dtype": torch.float32, **encoders}
+    skipping = build_pair_dataset(manifest_cfg(path, on_bad_record="skip"))
+    index = build_input_cache(skipping, tmp_path / "cache", **opts)
+    assert [e["index"] for e in index["bad_records"]] == [2]
+    assert "pair-00002" in index["bad_records"][0]["record"]
+    build_input_cache(build_pair_dataset(manifest_cfg(path, on_bad_record="skip")), tmp_path / "cache", **opts)
+
+    strict = build_pair_dataset(manifest_cfg(path))  # on_bad_record=error: the bad pair must not vanish silently
+    with pytest.raises(CacheError, match=r"on_bad_record=skip .* 1 bad record\(s\): pair pair-00002"):
+        build_input_cache(strict, tmp_path / "cache", **opts)
+    with pytest.raises(CacheError, match="max_bad_records=0"):
+        build_input_cache(build_pair_dataset(manifest_cfg(path, on_bad_record="skip", max_bad_records=0)),
+                          tmp_path / "cache", **opts)  # fmt: skip
