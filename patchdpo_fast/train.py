@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -32,12 +33,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchdpo_fast.config import ConfigError, TrainConfig, dump_config, load_config, resolve_deepspeed_config
+from patchdpo_fast.config import (
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+    load_config,
+    resolve_deepspeed_config,
+)
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights
-from patchdpo_fast.training.checkpoint import CheckpointDir, find_checkpoint, prune_checkpoints
+from patchdpo_fast.training.checkpoint import (
+    CheckpointDir,
+    checkpoint_run_id,
+    find_checkpoint,
+    list_checkpoints,
+    new_run_id,
+    prune_checkpoints,
+)
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
 from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
+from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
 from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
 
 __all__ = ["TrainResult", "main", "train"]
@@ -239,6 +256,110 @@ def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Run ownership and resume checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RunFolderError(UserError):
+    """A fresh run was pointed at an output folder that holds another run's checkpoints."""
+
+
+@dataclass
+class _Run:
+    """This run's identity (the run id recorded in its checkpoints) and what ``--resume`` found.
+
+    Only rank 0 writes checkpoint manifests and prunes, so only its run id matters in a multi-rank job.
+    """
+
+    run_id: str
+    checkpoint: Path | None = None
+    changed: list[Any] = field(default_factory=list)  #: applied setting changes (resume.SettingChange)
+    fixed_batch_loss_start: float | None = None
+
+    def trainer_fields(self) -> dict[str, Any]:
+        """What each checkpoint's trainer state records about the run."""
+        return {"run_id": self.run_id, "fixed_batch_loss_start": self.fixed_batch_loss_start}
+
+    def resumed(self, trainer: dict[str, Any], engine: Any, cfg: TrainConfig) -> None:
+        """After the checkpoint's state is loaded: re-apply changed optimizer settings, keep the run's start loss."""
+        value = trainer.get("fixed_batch_loss_start")
+        self.fixed_batch_loss_start = None if value is None else float(value)
+        keys = {change.key for change in self.changed}
+        if keys:
+            scheduler = getattr(engine, "scheduler", None)
+            optimizer = scheduler.optimizer if scheduler is not None else engine.optimizer
+            apply_optimizer_settings(optimizer, scheduler, cfg, keys)
+
+
+def _saved_config(ckpt: Path) -> dict[str, Any] | None:
+    import yaml
+
+    file = ckpt / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{file}: cannot read the checkpoint's config ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _remove_previous_run(out_dir: Path, root: Path, existing: list[tuple[int, Path]]) -> None:
+    """``--overwrite``: delete the checkpoints and run outputs of the run that owned ``out_dir``."""
+    removed = []
+    if root.exists():
+        shutil.rmtree(root)
+        removed.append(f"{len(existing)} checkpoint(s) up to {existing[-1][1].name}")
+    for name in ("ip_adapter.safetensors", "summary.json", "metrics.jsonl", "run.json", "tensorboard"):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    logger.warning("--overwrite: removed the previous run from %s: %s", out_dir, ", ".join(removed))
+
+
+def _claim_output_dir(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool) -> _Run:
+    """Find the checkpoint to resume (checking its settings) or make sure a fresh run owns its output folder."""
+    out_dir = Path(cfg.train.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"train.output_dir {out_dir} is a file; expected a folder (created when missing)")
+    root = out_dir / "checkpoints"
+    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    if ckpt is not None:
+        saved = _saved_config(ckpt)
+        changed = check_resume_config(saved, config_to_dict(cfg), str(ckpt)) if saved is not None else []
+        if env.is_main:
+            if saved is None:
+                logger.warning("%s has no config.yaml: the resumed settings cannot be checked", ckpt)
+            for change in changed:
+                logger.warning("resume: setting changed since the checkpoint, applied: %s", change)
+        run = _Run(checkpoint_run_id(ckpt) or new_run_id(), ckpt, changed)
+    else:
+        if resume is not None and env.is_main:
+            logger.warning("--resume: no checkpoint in %s; starting a fresh run", root)
+        existing = list_checkpoints(root)
+        if existing and not overwrite:
+            raise RunFolderError(
+                f"train.output_dir {out_dir} already holds {len(existing)} checkpoint(s) of another run (newest: "
+                f"{existing[-1][1]}); continue it with --resume, choose another train.output_dir, or pass "
+                "--overwrite to delete that run's checkpoints and outputs"
+            )
+        env.barrier()  # every rank has looked before rank 0 deletes
+        if existing and env.is_main:
+            _remove_previous_run(out_dir, root, existing)
+        run = _Run(new_run_id())
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "run.json", {"run_id": run.run_id, "resumed_from": str(ckpt) if ckpt else None})
+    env.barrier()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -268,10 +389,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(
-    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int
+    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run
 ) -> Path:
     root = Path(cfg.train.output_dir) / "checkpoints"
-    ckpt = CheckpointDir(root, step)
+    ckpt = CheckpointDir(root, step, run.run_id)
     if env.is_main:
         ckpt.begin()
     env.barrier()
@@ -280,6 +401,7 @@ def _save_checkpoint(
         adapter = models.adapter_state_dict() if env.is_main else None
     if rank_state is not None:
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
+        ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
     if env.is_main:
         from safetensors.torch import save_file
 
@@ -292,6 +414,7 @@ def _save_checkpoint(
                 "consumed_per_rank": consumed,
                 "nan_skips": nan_skips,
                 "world_size": env.world_size,
+                **run.trainer_fields(),
             },
             ckpt.tmp / "trainer",
         )
@@ -299,7 +422,8 @@ def _save_checkpoint(
     env.barrier()
     if env.is_main:
         ckpt.commit()
-        prune_checkpoints(root, cfg.train.keep_checkpoints)
+        for gone in prune_checkpoints(root, cfg.train.keep_checkpoints, run.run_id):
+            logger.debug("pruned checkpoint %s", gone)
     env.barrier()
     return ckpt.final
 
@@ -366,27 +490,37 @@ def fixed_batch_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, local_rank: int | None = None) -> TrainResult:
-    """Train with ``cfg``; ``resume`` ('latest' or a checkpoint path) overrides ``train.resume_from``."""
+def train(
+    cfg: TrainConfig, *, resume: str | None = None, local_rank: int | None = None, overwrite: bool = False
+) -> TrainResult:
+    """Train with ``cfg``; ``resume`` ('latest' or a checkpoint path) overrides ``train.resume_from``.
+
+    A fresh run (no checkpoint to resume) refuses an output folder that holds another run's checkpoints unless
+    ``overwrite``, which deletes them first. A resume checks the checkpoint's settings against ``cfg``
+    (:mod:`patchdpo_fast.training.resume`).
+
+    Raises:
+        UserError: the output folder belongs to another run, the resume is refused, or the checkpoint is unusable.
+    """
     env = setup_distributed(cfg.deepspeed.enabled, local_rank)
     try:
-        return _train(cfg, env, resume if resume is not None else cfg.train.resume_from)
+        return _train(cfg, env, resume if resume is not None else cfg.train.resume_from, overwrite)
     finally:
         env.shutdown()
 
 
-def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> TrainResult:
+def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool = False) -> TrainResult:
     t_cfg, d_cfg = cfg.train, cfg.data
     out_dir = Path(t_cfg.output_dir)
     torch.manual_seed(t_cfg.seed + env.rank)
     np.random.seed((t_cfg.seed + env.rank) % 2**32)
     random.seed(t_cfg.seed + env.rank)
+    run = _claim_output_dir(cfg, env, resume, overwrite)
+    ckpt_path = run.checkpoint
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out_dir / "config.yaml")
         logger.info("output directory: %s (rank 0 of %d, device %s)", out_dir, env.world_size, env.device)
 
-    ckpt_path = find_checkpoint(out_dir, resume) if resume else None
     models = _build_models(cfg, env)
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
         _load_adapter_weights(ckpt_path, models)
@@ -405,6 +539,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> TrainResult:
             raise ValueError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks")
         step, nan_skips, consumed = int(trainer["step"]), int(trainer["nan_skips"]), int(trainer["consumed_per_rank"])
         sampler.load_state_dict(sampler.state_dict(consumed=consumed))
+        run.resumed(trainer, engine, cfg)
         if env.is_main:
             logger.info("resumed from %s at step %d", ckpt_path, step)
 
@@ -426,9 +561,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> TrainResult:
 
         progress = tqdm(total=t_cfg.max_steps, initial=step, desc="patchdpo", dynamic_ncols=True, file=sys.stderr)
 
-    eval_start = fixed_batch_loss(cfg, models, engine, inputs, dataset)
-    if env.is_main:
-        logger.info("fixed-batch loss at step %d: %.6f", step, eval_start)
+    if ckpt_path is None:  # a resumed run keeps the loss its checkpoints recorded at step 0
+        run.fixed_batch_loss_start = fixed_batch_loss(cfg, models, engine, inputs, dataset)
+        if env.is_main:
+            logger.info("fixed-batch loss at step %d: %.6f", step, run.fixed_batch_loss_start)
+    eval_start = run.fixed_batch_loss_start
     window: list[dict[str, float]] = []
     t_window = time.perf_counter()
     pairs_per_step = d_cfg.pairs_per_batch * t_cfg.gradient_accumulation_steps * env.world_size
@@ -496,13 +633,13 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None) -> TrainResult:
         if progress is not None:
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips)
+            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run)
 
     if progress is not None:
         progress.close()
     eval_end = fixed_batch_loss(cfg, models, engine, inputs, dataset)
     if env.is_main:
-        logger.info("fixed-batch loss at step %d: %.6f (was %.6f)", step, eval_end, eval_start)
+        logger.info("fixed-batch loss at step %d: %.6f (at step 0: %s)", step, eval_end, eval_start)
     metrics.close()
     adapter_path = None
     with engine.gathered():
@@ -531,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set train.max_steps=100 (repeatable)")  # fmt: skip
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from the newest checkpoint in train.output_dir or from a given path")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir holding another run (deletes its checkpoints)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -539,7 +678,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"patchdpo train: {exc}", file=sys.stderr)
         return 2
-    result = train(cfg, resume=args.resume, local_rank=args.local_rank)
+    try:
+        result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
+    except UserError as exc:
+        print(f"patchdpo train: {exc}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),
                           "final_step": result.final_step, "nan_skips": result.nan_skips,

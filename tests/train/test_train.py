@@ -182,8 +182,13 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatc
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    from patchdpo_fast.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         train(tiny_cfg(tmp_path), resume=str(tmp_path / "nope"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        train(tiny_cfg(tmp_path), resume=str(tmp_path / "half"))
 
 
 def test_exported_adapter_loads_into_stock_diffusers(tmp_path):
