@@ -43,6 +43,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from patchdpo_fast.quality.defects import (
+    FAMILIES,
+    TRAIN_CHANGE,
+    TRAIN_RECIPE,
+    TRAIN_REF_CHANGE,
+    make_defect_pairs,
+    parse_families,
+)
 from patchdpo_fast.quality.estimator import PatchQualityEstimator
 from patchdpo_fast.quality.images import load_photos, parse_subjects
 from patchdpo_fast.quality.synthetic import (
@@ -82,10 +90,27 @@ class TrainSettings:
 
 
 def make_training_pairs(
-    sources: torch.Tensor, grid: tuple[int, int], g: torch.Generator, size: tuple[int, int] | None = None
+    sources: torch.Tensor,
+    grid: tuple[int, int],
+    g: torch.Generator,
+    size: tuple[int, int] | None = None,
+    *,
+    recipe: str = "offgrid",
+    families: Sequence[str] = FAMILIES,
+    donors: torch.Tensor | None = None,
 ) -> SyntheticPairs:
-    """Pairs for one training step (both views augmented, corruptions in the generated view), made at ``size``
-    (the estimator's input size: the views are warped at the photos' resolution, then resized and corrupted)."""
+    """Pairs for one training step (both views augmented, defects in the generated view), made at ``size``
+    (the estimator's input size: the views are warped at the photos' resolution, then resized and corrupted).
+
+    ``recipe="offgrid"``: :data:`~.defects.TRAIN_RECIPE` restricted to ``families`` with the training global changes
+    (labels and ``coverage`` from the covered fraction); ``"grid"``: the first version's grid-aligned corruptions."""
+    if recipe == "offgrid":
+        return make_defect_pairs(
+            sources, grid, g, size=size, donors=donors, recipe=TRAIN_RECIPE.only(tuple(families)),
+            gen_change=TRAIN_CHANGE, ref_change=TRAIN_REF_CHANGE,
+        )  # fmt: skip
+    if recipe != "grid":
+        raise ValueError(f"make_training_pairs: `recipe` must be 'offgrid' or 'grid', got {recipe!r}")
     return make_pairs(
         sources, grid, g, size=size,
         gen_geometry=TRAIN_GEN_GEOMETRY, ref_geometry=TRAIN_REF_GEOMETRY,
@@ -270,15 +295,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", action="append", required=True, help="photo folder (repeatable)")
     p.add_argument("--out", required=True, help="output folder (estimator + checkpoints/)")
-    p.add_argument("--minutes", type=float, required=True, help="training time budget, summed over resumed runs")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        required=True,
+        help="training budget in minutes of --clock time (default: process CPU time), summed over resumed runs",
+    )
     p.add_argument("--backbone", default="tiny", help="'tiny' or a local ViT/DINOv2 / estimator folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny backbone and of the data (default 0)")
     p.add_argument("--exclude-subjects", action="append", help="comma-separated subjects to leave out (repeatable)")
+    p.add_argument(
+        "--exclude-families",
+        action="append",
+        help=f"defect families never shown in training (leave-one-family-out), from {', '.join(FAMILIES)}",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=("offgrid", "grid"),
+        default="offgrid",
+        help="synthetic defects: off-grid families with coverage labels (default) or the first version's grid",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="what --minutes counts: this process's CPU time (default; fair on a shared machine) or wall time",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="photos per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 for tiny, 1e-5 for pretrained)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, torch's choice))")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per checkpoint instead)")
     return p
@@ -296,8 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.minutes < 0:
         print("quality-train: --minutes must be >= 0", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        excluded = parse_families(args.exclude_families, default=()) if args.exclude_families else ()
+        families = tuple(f for f in FAMILIES if f not in excluded)
+        if not families:
+            raise ValueError("--exclude-families leaves no defect family to train on")
+        if excluded and args.recipe != "offgrid":
+            raise ValueError("--exclude-families needs --recipe offgrid")
+    except ValueError as exc:
+        print(f"quality-train: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -334,6 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "photos": len(photos),
         "subjects": sorted(set(photos.subjects)),
         "excluded_subjects": exclude,
+        "recipe": {"name": args.recipe, **({"kinds": list(TRAIN_CORRUPTIONS.kinds)} if args.recipe == "grid" else {})},
+        "families": list(families) if args.recipe == "offgrid" else None,
+        "excluded_families": list(excluded),
+        "clock": args.clock,
+        "train_cpu_seconds": 0.0,
+        "train_wall_seconds": 0.0,
+        "threads": torch.get_num_threads(),
         "settings": settings.__dict__,
         "device": str(device),
     }
@@ -347,7 +410,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         _load_optimizer(opt, tensors, state["optimizer"])
         g.set_state(tensors["rng"])
-        progress.update(step=state["progress"]["step"], train_seconds=state["progress"]["train_seconds"])
+        old = state["progress"]
+        if old.get("clock", "wall") != args.clock or old.get("families", progress["families"]) != progress["families"]:
+            print(
+                f"quality-train: {ckpt} was trained with --clock {old.get('clock', 'wall')} and families "
+                f"{old.get('families')}; resume with the same settings or pass --no-resume",
+                file=sys.stderr,
+            )
+            return 2
+        progress.update(
+            step=old["step"],
+            train_seconds=old["train_seconds"],
+            train_cpu_seconds=old.get("train_cpu_seconds", 0.0),
+            train_wall_seconds=old.get("train_wall_seconds", old["train_seconds"]),
+        )
         print(f"quality-train: resuming from {ckpt} (step {progress['step']}, {progress['train_seconds']:.0f} s done)")
 
     budget = args.minutes * 60.0
@@ -365,8 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats: dict[str, float] = {}
     while progress["train_seconds"] < budget:
         t0 = time.perf_counter()
+        c0 = time.process_time()
         idx = torch.randint(len(photos), (settings.batch_size,), generator=g)
-        pairs = make_training_pairs(photos.images[idx], grid, g, est.image_size)
+        pairs = make_training_pairs(photos.images[idx], grid, g, est.image_size, recipe=args.recipe, families=families)
         for group in opt.param_groups:
             group["lr"] = _lr_at(settings, progress["step"], progress["train_seconds"] / max(budget, 1e-9))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -379,8 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         dt = time.perf_counter() - t0
+        dc = time.process_time() - c0
         progress["step"] += 1
-        progress["train_seconds"] += dt
+        progress["train_wall_seconds"] += dt
+        progress["train_cpu_seconds"] += dc
+        progress["train_seconds"] += dc if args.clock == "cpu" else dt
         progress["last"] = stats
         if bar is not None:
             bar.update(min(round(progress["train_seconds"]), round(budget)) - bar.n)
@@ -402,14 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _write_checkpoint(out, est, head, opt, g, progress)
     t_cal = time.perf_counter()
     try:
-        est.fit_calibration(photos.images, seed=args.seed)
+        est.fit_calibration(photos.images, seed=args.seed, recipe="grid" if args.recipe == "grid" else "offgrid")
     except ValueError as exc:
         print(f"quality-train: calibration not fitted, keeping {est.calibration}: {exc}", file=sys.stderr)
     progress["calibration_seconds"] = round(time.perf_counter() - t_cal, 2)
     est.save_pretrained(out, extra={"training": progress})
     c = est.calibration
     print(
-        f"quality-train: {progress['step']} steps in {progress['train_seconds']:.0f} s on {device}; calibration "
+        f"quality-train: {progress['step']} steps in {progress['train_cpu_seconds']:.0f} s CPU / "
+        f"{progress['train_wall_seconds']:.0f} s wall ({args.clock} budget) on {device}; calibration "
         f"low {c.low:.4f} high {c.high:.4f}; wrote {out}"
     )
     return 0

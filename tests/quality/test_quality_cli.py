@@ -10,6 +10,7 @@ from PIL import Image
 from quality_helpers import synthetic_photos
 
 from patchdpo_fast.quality import PatchQualityEstimator
+from patchdpo_fast.quality.defects import FAMILIES
 from patchdpo_fast.quality.evaluate import main as eval_main
 from patchdpo_fast.quality.train_backbone import main as train_main
 
@@ -56,7 +57,16 @@ def test_quality_eval_reports_auroc_and_ap(photo_dir, tmp_path):
     assert res["subjects"] == ["alpha", "beta"] and res["pairs"] == 4 and res["grid"] == [16, 16]
     assert 0.0 <= res["overall"]["auroc"] <= 1.0 and 0.0 <= res["overall"]["ap"] <= 1.0
     assert set(res["per_subject"]) == {"alpha", "beta"}
-    assert set(res["per_kind"]) == {"paste", "blur", "recolor", "shuffle"}
+    assert set(res["per_kind"]) == set(FAMILIES) and res["protocol"]["name"] == "offgrid"
+    assert 0.0 <= res["baseline"]["overall"]["auroc"] <= 1.0
+    # the first version's grid protocol is still there, with the baseline too
+    rc = eval_main(
+        ["--images", str(photo_dir), "--estimator", "tiny", "--out", str(out), "--pairs", "1", "--all-subjects",
+         "--protocol", "grid"]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["per_kind"]) == {"paste", "blur", "recolor", "shuffle"} and "baseline" in res
 
 
 def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
@@ -66,8 +76,10 @@ def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
     base = ["--images", str(photo_dir), "--out", str(out), "--pairs", "1"]
     assert eval_main([*base, "--split-file", str(split)]) == 0
     assert json.loads(out.read_text())["subjects"] == ["beta"]
+    assert json.loads(out.read_text())["split"] == "eval"
     with pytest.raises(ValueError, match="subjects not found"):
         eval_main([*base, "--subjects", "gamma"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         eval_main([*base, "--estimator", str(tmp_path / "missing")])
     assert eval_main([*base, "--kinds", "smudge"]) == 2
+    assert eval_main([*base, "--kinds", "smudge", "--protocol", "grid"]) == 2
