@@ -220,6 +220,8 @@ class DefectPairs(SyntheticPairs):
         coverage: ``(N, gh, gw)`` float, covered fraction of every generated cell in [0, 1].
         change: ``(N, gh, gw)`` float, mean absolute pixel change of every cell caused by the defects.
         alpha: ``(N, H, W)`` float, the union mask of the defects at pixel resolution.
+        quality: ``(N, gh, gw)`` float soft target, ``1 - coverage`` where the defect visibly changed the cell
+            (mean change over the covered part at least ``min_change``), 1 where it did not.
 
     ``labels`` come from :func:`coverage_labels` with the recipe's ``min_change``; ``kinds`` is the family code
     (``FAMILIES`` index + 1) covering most of each cell, 0 where nothing covers it.
@@ -228,6 +230,7 @@ class DefectPairs(SyntheticPairs):
     coverage: torch.Tensor | None = None
     change: torch.Tensor | None = None
     alpha: torch.Tensor | None = None
+    quality: torch.Tensor | None = None
 
 
 def coverage_labels(
@@ -299,8 +302,15 @@ def region_mask(
     pixels, rotated by ``angle`` radians; ``blob`` needs ``g`` for its random boundary. ``feather_px`` softens the
     edge with a Gaussian of that sigma."""
     h, w = size
-    ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5 - center[0]
-    xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5 - center[1]
+    # work in a window around the region (the shape never reaches past 1.5 radii; the soft edge past 3 sigma)
+    reach = 1.5 * max(radii) + 3.0 * feather_px + 2.0
+    wy0, wy1 = max(0, math.floor(center[0] - reach)), min(h, math.ceil(center[0] + reach))
+    wx0, wx1 = max(0, math.floor(center[1] - reach)), min(w, math.ceil(center[1] + reach))
+    out = torch.zeros(h, w)
+    if wy1 <= wy0 or wx1 <= wx0:
+        return out
+    ys = torch.arange(wy0, wy1, dtype=torch.float32)[:, None] + 0.5 - center[0]
+    xs = torch.arange(wx0, wx1, dtype=torch.float32)[None, :] + 0.5 - center[1]
     cos, sin = math.cos(angle), math.sin(angle)
     u = cos * xs + sin * ys  # along the region's width
     v = -sin * xs + cos * ys  # along its height
@@ -316,15 +326,18 @@ def region_mask(
         grid = torch.stack([u / (1.3 * rx), v / (1.3 * ry)], dim=-1)[None].clamp(-1.0, 1.0)
         noise = F.grid_sample(field, grid, mode="bicubic", padding_mode="border", align_corners=True)[0, 0]
         r = torch.sqrt((u / rx) ** 2 + (v / ry) ** 2)
-        inside = r <= 0.8 + 0.3 * noise
+        inside = r <= 0.8 + 0.3 * noise.clamp(-2.0, 2.0)  # stays within 1.4 radii
         if not inside.any():  # a degenerate draw: fall back to the ellipse
             inside = r <= 1.0
     else:
         raise ValueError(f"region_mask: unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     m = inside.float()
     if feather_px > 0.05:
-        m = _blur(m[None], feather_px)[0]
-    return m.clamp(0.0, 1.0)
+        pad = math.ceil(3 * feather_px) + 1
+        m = F.pad(m[None, None], (pad, pad, pad, pad))[0]
+        m = _blur(m, feather_px)[0][pad:-pad, pad:-pad]
+    out[wy0:wy1, wx0:wx1] = m.clamp(0.0, 1.0)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ families
@@ -465,20 +478,29 @@ def _apply_defects(
         cols = torch.nonzero(alpha.amax(0) > 0.5).flatten()
         if rows.numel() == 0 or cols.numel() == 0:
             continue
-        box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        # the family is applied to a window around the region (with a margin for blurs and fills), not the image
+        support_r = torch.nonzero(alpha.amax(1) > 0).flatten()
+        support_c = torch.nonzero(alpha.amax(0) > 0).flatten()
+        margin = max(16, math.ceil(0.5 * max(ry, rx)))
+        y0, y1 = max(0, int(support_r[0]) - margin), min(h, int(support_r[-1]) + 1 + margin)
+        x0, x1 = max(0, int(support_c[0]) - margin), min(w, int(support_c[-1]) + 1 + margin)
+        crop = out[:, y0:y1, x0:x1]
+        a = alpha[y0:y1, x0:x1]
+        box = (int(rows[0]) - y0, int(rows[-1]) + 1 - y0, int(cols[0]) - x0, int(cols[-1]) + 1 - x0)
         if family == "smear":
-            altered = _smear(out, recipe, g)
+            altered = _smear(crop, recipe, g)
         elif family == "recolor":
-            altered = _recolor(out, recipe, g)
+            altered = _recolor(crop, recipe, g)
         elif family == "missing":
-            altered = _missing(out, (alpha > 0.05).float(), max(ry, rx))
+            altered = _missing(crop, (a > 0.05).float(), max(ry, rx))
         elif family == "duplicate":
-            altered = _duplicate(out, (cy, cx), (ry, rx), recipe, g)
+            altered = _duplicate(out, (cy, cx), (ry, rx), recipe, g)[:, y0:y1, x0:x1]
         elif family == "foreign":
-            altered = _foreign(out, donor, recipe, g)
+            altered = _foreign(out, donor, recipe, g)[:, y0:y1, x0:x1]
         else:
-            altered = _resample(out, box, recipe, g)
-        out = (1 - alpha) * out + alpha * altered.clamp(0.0, 1.0)
+            altered = _resample(crop, box, recipe, g)
+        out = out.clone()
+        out[:, y0:y1, x0:x1] = (1 - a) * crop + a * altered.clamp(0.0, 1.0)
         k = FAMILIES.index(family)
         fam_alpha[k] = torch.maximum(fam_alpha[k], alpha)
     union = fam_alpha.amax(0)
@@ -571,4 +593,5 @@ def make_defect_pairs(
         coverage=coverage,
         change=change,
         alpha=alpha,
+        quality=torch.where(change >= min_change * coverage, 1.0 - coverage, torch.ones_like(coverage)),
     )
