@@ -35,6 +35,9 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
     cfg = json.loads((out / "quality_config.json").read_text())
     training = cfg["extra"]["training"]
     assert training["step"] >= 1 and training["subjects"] == ["alpha"] and training["excluded_subjects"] == ["beta"]
+    # --minutes counts process CPU time by default; wall time is recorded beside it
+    assert training["clock"] == "cpu" and training["train_seconds"] == pytest.approx(training["train_cpu_seconds"])
+    assert training["train_wall_seconds"] > 0 and training["threads"] >= 1
     assert cfg["calibration"]["kind"] == "linear"
     est = PatchQualityEstimator.from_pretrained(out)
     assert est.grid_size == (16, 16) and est.flip_invariant
@@ -43,6 +46,8 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
     minutes = (training["train_seconds"] + 0.5) / 60
     assert train_main([*args, "--minutes", f"{minutes:.4f}", "--exclude-subjects", "beta"]) == 0
     assert "resuming from" in capsys.readouterr().out
+    # resuming under another clock is refused (the budget would mix CPU and wall seconds)
+    assert train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--clock", "wall"]) == 2
     again = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
     assert again["step"] > training["step"]
 
