@@ -87,6 +87,7 @@ class TrainSettings:
     bce_weight: float = 1.0
     grad_clip: float = 1.0
     photo_size: int = 256
+    soft_labels: bool = True
 
 
 def make_training_pairs(
@@ -147,6 +148,15 @@ def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def _balanced_soft_bce(logits: torch.Tensor, target: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """BCE against soft quality targets: mean over the clean cells plus mean over the others (either may be empty)."""
+    loss = logits.new_zeros(())
+    for mask in (clean, ~clean):
+        if mask.any():
+            loss = loss + F.binary_cross_entropy_with_logits(logits[mask], target[mask])
+    return loss
+
+
 def dense_patch_loss(
     ref_feat: torch.Tensor,
     gen_feat: torch.Tensor,
@@ -154,8 +164,13 @@ def dense_patch_loss(
     head: nn.Module,
     tau: float = 0.1,
     bce_weight: float = 1.0,
+    soft_labels: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The dense objective (module docstring) for features ``(N, h, w, D)`` of the two views of ``pairs``."""
+    """The dense objective (module docstring) for features ``(N, h, w, D)`` of the two views of ``pairs``.
+
+    With ``soft_labels`` and pairs that carry a soft ``quality`` target (off-grid defects), the best-match
+    classification is trained against ``1 - covered fraction`` on every cell (partly covered cells included);
+    otherwise against the hard labels (partly covered cells left out)."""
     n, gh, gw, _ = gen_feat.shape
     grid = (gh, gw)
     fr = F.normalize(ref_feat.float().flatten(1, 2), dim=-1)
@@ -178,10 +193,16 @@ def dense_patch_loss(
     nce_r = -(tr * F.log_softmax(sim.transpose(1, 2) / tau, dim=-1)).sum(-1)
     nce_r = nce_r[vr].mean() if vr.any() else sim.new_zeros(())
 
-    # best-match classification, generated side: clean (1) vs corrupted (0)
+    # best-match classification, generated side: clean (1) vs corrupted (0), or the soft quality target
     best_g = sim.amax(dim=-1)
-    keep_g = labels >= 0
-    bce_g = _balanced_bce(head(best_g[keep_g]), labels[keep_g] == 0)
+    soft = getattr(pairs, "quality", None) if soft_labels else None
+    if soft is not None:
+        quality = soft.reshape(n, -1).to(sim.device)
+        clean_g = labels == 0
+        bce_g = _balanced_soft_bce(head(best_g), quality, clean_g)
+    else:
+        keep_g = labels >= 0
+        bce_g = _balanced_bce(head(best_g[keep_g]), labels[keep_g] == 0)
 
     # reference side: a reference patch is "reproduced" when the generated cell nearest its counterpart is clean
     rc = pairs.ref_to_gen.reshape(n, -1, 2).to(sim.device)
@@ -189,9 +210,13 @@ def dense_patch_loss(
     rr = torch.nan_to_num(rc[..., 0]).round().clamp(0, gh - 1).long()
     cc = torch.nan_to_num(rc[..., 1]).round().clamp(0, gw - 1).long()
     ref_label = torch.gather(labels, 1, rr * gw + cc)
-    keep_r = has & (ref_label >= 0)
     best_r = sim.amax(dim=1)
-    bce_r = _balanced_bce(head(best_r[keep_r]), ref_label[keep_r] == 0)
+    if soft is not None:
+        ref_quality = torch.gather(quality, 1, rr * gw + cc)
+        bce_r = _balanced_soft_bce(head(best_r[has]), ref_quality[has], (ref_label == 0)[has])
+    else:
+        keep_r = has & (ref_label >= 0)
+        bce_r = _balanced_bce(head(best_r[keep_r]), ref_label[keep_r] == 0)
 
     loss = nce_g + nce_r + bce_weight * (bce_g + bce_r)
     with torch.no_grad():
@@ -322,6 +347,11 @@ def _parser() -> argparse.ArgumentParser:
         help="what --minutes counts: this process's CPU time (default; fair on a shared machine) or wall time",
     )
     p.add_argument("--batch-size", type=int, default=None, help="photos per step (default 8)")
+    p.add_argument(
+        "--hard-labels",
+        action="store_true",
+        help="ablation: train the best-match classifier on clean vs >half covered only (default: soft 1 - coverage)",
+    )
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 for tiny, 1e-5 for pretrained)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
@@ -364,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = TrainSettings()
     if args.batch_size:
         settings.batch_size = args.batch_size
+    settings.soft_labels = not args.hard_labels
     pretrained = args.backbone != "tiny"
     settings.lr = args.lr if args.lr is not None else (1e-5 if pretrained else settings.lr)
 
@@ -450,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pix = est.preprocess(torch.cat([pairs.reference, pairs.generated]))
             feats = est.features_from_pixels(pix)
             n = pairs.reference.shape[0]
-            loss, stats = dense_patch_loss(feats[:n], feats[n:], pairs, head, settings.tau, settings.bce_weight)
+            loss, stats = dense_patch_loss(
+                feats[:n], feats[n:], pairs, head, settings.tau, settings.bce_weight, settings.soft_labels
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

@@ -241,3 +241,24 @@ def test_quality_eval_split_option(photo_dir, tmp_path):
         eval_main([*base, "--split", "val"])
     assert eval_main([*base, "--all-subjects", "--estimator", "raw-pixel"]) == 0
     assert json.loads(out.read_text())["overall"]["auroc"] > 0.5
+
+
+def test_soft_labels_train_on_partly_covered_cells(photos):
+    """With soft labels the classification loss of the generated side sees the partly covered cells (target
+    1 - coverage); with hard labels it leaves them out: changing only their features changes the loss or not."""
+    from patchdpo_fast.quality.train_backbone import _AffineHead, dense_patch_loss
+
+    pairs = make_defect_pairs(photos, (8, 8), torch.Generator().manual_seed(0), gen_change=NONE)
+    partial = (pairs.coverage > 0.1) & (pairs.coverage <= 0.5)
+    assert partial.any()
+    torch.testing.assert_close(pairs.quality[partial], 1 - pairs.coverage[partial])
+    ref = torch.randn(4, 8, 8, 16, generator=torch.Generator().manual_seed(0))
+    gen = torch.randn(4, 8, 8, 16, generator=torch.Generator().manual_seed(1))
+    moved = gen.clone()
+    moved[partial] = torch.randn(int(partial.sum()), 16, generator=torch.Generator().manual_seed(2))
+    head = _AffineHead()
+    for soft in (True, False):
+        _, a = dense_patch_loss(ref, gen, pairs, head, soft_labels=soft)
+        _, b = dense_patch_loss(ref, moved, pairs, head, soft_labels=soft)
+        assert np.isfinite(a["loss"]) and a["bce_g"] > 0
+        assert (a["bce_g"] != pytest.approx(b["bce_g"], rel=1e-6)) == soft
