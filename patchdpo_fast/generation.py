@@ -165,8 +165,7 @@ def image_prompt_tokens(
     size = models.image_size
     device = models.image_encoder.device
     if uncond_image == "zeros":
-        zeros = torch.zeros(1, 3, size, size, device=device, dtype=models.image_encoder.dtype)
-        feats = models.image_encoder(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
+        feats = models.null_image_features()
     elif uncond_image == "black":
         feats = models.encode_reference_images(torch.zeros(1, 3, size, size, device=device))
     else:

@@ -42,7 +42,7 @@ from patchdpo_fast.config import (
     resolve_deepspeed_config,
 )
 from patchdpo_fast.errors import UserError
-from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights
+from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights, order_pairs
 from patchdpo_fast.training.checkpoint import (
     CheckpointDir,
     checkpoint_run_id,
@@ -126,12 +126,7 @@ class _Inputs:
         else:
             with torch.no_grad():
                 embeds, pooled = models.encode_prompts([""])
-                black = torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=models.device)
-                null = {
-                    "prompt_embeds": embeds,
-                    "pooled": pooled,
-                    "image_features": models.encode_reference_images(black),
-                }
+                null = {"prompt_embeds": embeds, "pooled": pooled, "image_features": models.null_image_features()}
         self.null = {k: v.to(env.device) for k, v in null.items()}
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
@@ -172,6 +167,7 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
         "model": cfg.model.model_dump(mode="json"),
         "resolution": cfg.data.resolution,
         "patch_size": cfg.data.patch_size,
+        "null_image": "zeros",  # image-prompt dropout = the encoder on an all-zero input (IP-Adapter's convention)
     }
     if env.is_main:  # one process encodes; the others wait for the finished cache
         build_input_cache(
@@ -186,6 +182,7 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
             dtype=getattr(torch, cfg.cache.dtype),
             on_stale=cfg.cache.on_stale,
             progress=True,
+            encode_null_image=models.null_image_features,
         )
     env.barrier()
     cached = CachedPairDataset(cfg.cache.dir)
@@ -227,6 +224,7 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
         ip_scale=m.ip_scale,
         num_ip_tokens=m.num_ip_tokens,
         gradient_checkpointing=m.gradient_checkpointing,
+        train_unet=m.train_unet,
     )
     return models
 
@@ -399,6 +397,7 @@ def _save_checkpoint(
     global_state, rank_state = engine.state()  # collective for DeepSpeed
     with engine.gathered():
         adapter = models.adapter_state_dict() if env.is_main else None
+        unet = models.ip_unet.unet_state_dict() if env.is_main and cfg.model.train_unet else None
     if rank_state is not None:
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
         ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
@@ -406,6 +405,8 @@ def _save_checkpoint(
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(ckpt.tmp / "adapter.safetensors"))
+        if unet is not None:
+            save_file({k: v.cpu().contiguous() for k, v in unet.items()}, str(ckpt.tmp / "unet.safetensors"))
         save_state(
             {
                 "engine": global_state,
@@ -437,38 +438,52 @@ def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
     return trainer
 
 
-def _load_adapter_weights(path: Path, models: Any) -> None:
+def _load_adapter_weights(path: Path, models: Any, train_unet: bool = False) -> None:
     from safetensors.torch import load_file
 
     file = path / "adapter.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no adapter.safetensors")
     models.load_adapter_state_dict(load_file(str(file)))
+    if train_unet:
+        unet_file = path / "unet.safetensors"
+        if not unet_file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no unet.safetensors, but model.train_unet is true")
+        models.ip_unet.load_unet_state_dict(load_file(str(unet_file)))
 
 
 def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x: dict[str, torch.Tensor], rnd: Any,
                   train: bool) -> Any:  # fmt: skip
-    """Noise both images of each pair identically, run the policy (and reference) and compute the loss."""
+    """Noise both images of each pair identically, run the policy (and reference) and compute the loss.
+
+    ``loss.type=reconstruction`` denoises only the generated (target) images; ``loss.pair_order=generated_wins``
+    puts the generated images (and their maps) first, as winners.
+    """
     dev, l_cfg = inputs.env.device, cfg.loss
     b = x["lat_ref"].shape[0]
-    noise = rnd.noise.to(dev).repeat(2, 1, 1, 1)
-    t = rnd.timesteps.to(dev).repeat(2)
-    latents = torch.cat([x["lat_ref"], x["lat_gen"]])
+    reps = 1 if l_cfg.type == "reconstruction" else 2
+    noise = rnd.noise.to(dev).repeat(reps, 1, 1, 1)
+    t = rnd.timesteps.to(dev).repeat(reps)
+    latents, q_win, q_lose = order_pairs(
+        l_cfg.type, l_cfg.pair_order, x["lat_ref"], x["lat_gen"], x["q_ref"], x["q_gen"]
+    )
     sched = models.noise_scheduler
     noisy = sched.add_noise(latents, noise, t)
     target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-    embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(2, 1, 1)
-    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(2, 1)
-    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(2, 1, 1)
-    time_ids = models.add_time_ids(2 * b, cfg.data.resolution).to(dev)
+    embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(reps, 1, 1)
+    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(reps, 1)
+    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(reps, 1, 1)
+    time_ids = models.add_time_ids(reps * b, cfg.data.resolution).to(dev)
     args = (noisy, t, embeds, pooled, time_ids, feats)
     if train:
         pred = engine.forward(*args)
     else:
         with torch.no_grad():
             pred = engine.module(*args, use_reference=False)
+    if l_cfg.type == "reconstruction":
+        return compute_loss("mse", pred, target, None, None, l_cfg.beta, l_cfg.backend)
     ref_pred = engine.reference_forward(*args) if l_cfg.uses_reference_model else None
-    weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, x["q_ref"], x["q_gen"], tuple(pred.shape[-2:]))
+    weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, q_win, q_lose, tuple(pred.shape[-2:]))
     return compute_loss(l_cfg.type, pred, target, ref_pred, weight, l_cfg.beta, l_cfg.backend)
 
 
@@ -483,6 +498,21 @@ def fixed_batch_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs
     rnd = draw_pair_noise(cfg.train.seed + 7919, 0, indices, tuple(x["lat_ref"].shape[1:]),
                           models.noise_scheduler.config.num_train_timesteps, 0.0, 0.0, 0.0)  # fmt: skip
     return float(_forward_loss(cfg, models, engine, inputs, x, rnd, train=False).loss)
+
+
+def _maybe_sample(cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, force: bool) -> None:
+    """Write ``samples/step_N.png`` (see :class:`~patchdpo_fast.config.SamplesConfig`) when it is due."""
+    s_cfg = cfg.samples
+    if s_cfg.references is None or not (force or (s_cfg.every and step % s_cfg.every == 0)):
+        return
+    from patchdpo_fast.training.samples import write_sample_grid
+
+    with engine.gathered():
+        if env.is_main:
+            path = Path(cfg.train.output_dir) / "samples" / f"step_{step:08d}.png"
+            write_sample_grid(s_cfg, models, cfg.data.resolution, path)
+            logger.info("samples at step %d: %s", step, path)
+    env.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,7 +553,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
     models = _build_models(cfg, env)
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
-        _load_adapter_weights(ckpt_path, models)
+        _load_adapter_weights(ckpt_path, models, cfg.model.train_unet)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
     engine = _build_engine(cfg, models, env)
@@ -561,6 +591,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
         progress = tqdm(total=t_cfg.max_steps, initial=step, desc="patchdpo", dynamic_ncols=True, file=sys.stderr)
 
+    _maybe_sample(cfg, env, engine, models, step, force=step == 0)
     if ckpt_path is None:  # a resumed run keeps the loss its checkpoints recorded at step 0
         run.fixed_batch_loss_start = fixed_batch_loss(cfg, models, engine, inputs, dataset)
         if env.is_main:
@@ -634,6 +665,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
             last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run)
+        _maybe_sample(cfg, env, engine, models, step, force=step == t_cfg.max_steps)
 
     if progress is not None:
         progress.close()
@@ -645,6 +677,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     with engine.gathered():
         if env.is_main:
             adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors")
+            if cfg.model.train_unet:
+                models.export_unet(out_dir / "unet")
             atomic_write_json(
                 out_dir / "summary.json",
                 {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "parse_shard"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_dir",
+    "atomic_write_json",
+    "atomic_write_text",
+    "parse_shard",
+]
 
 
 def _current_umask() -> int:
@@ -61,6 +68,34 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """Indented JSON with a final newline, atomically."""
     return atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_dir(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` to fill a fresh hidden folder next to ``folder``, then rename it into place.
+
+    An existing ``folder`` is first renamed aside and removed only after the new one is in place, so a crash leaves
+    the old folder, the new one, or (between the two renames) the old one under ``.<name>.old-*``; never a
+    half-written folder under ``folder``'s name.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        write(tmp)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -16,7 +16,7 @@ key                       content                                               
 ========================  =======================================================  ==========================
 
 plus the prompts as JSON in the shard's metadata, and ``null.safetensors`` with the unconditional inputs for
-conditioning dropout: ``encode_prompts([""])`` and ``encode_reference`` of an all-zero (black) reference image.
+conditioning dropout: ``encode_prompts([""])`` and the image features of a dropped image prompt (``encode_null_image``).
 
 ``index.json`` records the cache format, a fingerprint (SHA-256 of the dataset's ``fingerprint()``, the caller's
 encoder settings, shard size and dtype), per finished shard its file name, item range ``[start, stop)``, byte
@@ -195,6 +195,7 @@ def build_input_cache(
     on_stale: str = "error",
     verify: bool = True,
     progress: bool = True,
+    encode_null_image: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Build (or finish, or check) the input cache of ``dataset`` under ``cache_dir``.
 
@@ -214,6 +215,8 @@ def build_input_cache(
             :class:`CacheError`, ``"rebuild"`` deletes it and starts over.
         verify: check the SHA-256 of already finished shards before trusting them (size is always checked).
         progress: show a tqdm progress bar.
+        encode_null_image: ``() -> (1, T, F)`` image features of the dropped image prompt; default:
+            ``encode_reference`` of a black image.
 
     Returns:
         The cache index (as written to ``index.json``).
@@ -279,7 +282,9 @@ def build_input_cache(
 
     with torch.no_grad():
         if index.get("null") is None or _entry_problem(cache_dir, index["null"], verify) is not None:
-            index["null"] = _write_null(cache_dir, dataset, encode_prompts, encode_reference, storage)
+            index["null"] = _write_null(
+                cache_dir, dataset, encode_prompts, encode_reference, storage, encode_null_image
+            )
             _write_index(cache_dir, index)
 
         done = sum(e["stop"] - e["start"] for e in good.values())
@@ -343,13 +348,17 @@ def _write_null(
     encode_prompts: EncodePrompts,
     encode_reference: EncodeReference,
     storage: torch.dtype,
+    encode_null_image: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     ref = dataset[0]["ref_pixels"]
     embeds, pooled = encode_prompts([""])
     tensors = {"prompt_embeds": _cast(_as_rows("encode_prompts", embeds, 1), storage)}
     if pooled is not None:
         tensors["pooled"] = _cast(_as_rows("encode_prompts (pooled)", pooled, 1), storage)
-    features = encode_reference(torch.zeros((1, *ref.shape), dtype=ref.dtype))
+    if encode_null_image is not None:
+        features = encode_null_image()
+    else:
+        features = encode_reference(torch.zeros((1, *ref.shape), dtype=ref.dtype))
     tensors["image_features"] = _cast(_as_rows("encode_reference", features, 1), storage)
     data = safetensors_save(tensors)
     _atomic_write(cache_dir / NULL_NAME, data)
@@ -538,7 +547,7 @@ class CachedPairDataset(Dataset):
 
     def null_conditioning(self) -> dict[str, torch.Tensor]:
         """Unconditional inputs for conditioning dropout, each with a leading batch dim of 1:
-        ``prompt_embeds`` and ``pooled`` of the empty prompt, ``image_features`` of a black reference image."""
+        ``prompt_embeds`` and ``pooled`` of the empty prompt, ``image_features`` of the dropped image prompt."""
         entry = self.index.get("null")
         if not entry:
             raise CacheError(f"input cache in {self.cache_dir} has no null conditioning")

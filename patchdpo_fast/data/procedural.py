@@ -36,6 +36,8 @@ __all__ = [
     "TEXTURES",
     "ProceduralPair",
     "ProceduralPairs",
+    "render_background",
+    "shape_distance",
     "write_procedural_manifest",
 ]
 
@@ -94,7 +96,7 @@ def _polygon_radius(phi: np.ndarray, sides: int, radius: float, rotation: float 
     return radius * math.cos(math.pi / sides) / np.cos(local)
 
 
-def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Approximate signed distance (negative inside) of a shape in local units; every shape fits in the unit disc."""
     r = np.hypot(u, v)
     phi = np.arctan2(v, u)
@@ -143,7 +145,7 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, angle: flo
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _background(context: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_background(context: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """An ``(H, W, 3)`` background for the generated image's context."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     noise = rng.normal(0.0, 1.0, (size, size, 1)).astype(np.float32)
@@ -218,7 +220,7 @@ def _render_subject(
     cos, sin = math.cos(rotation), math.sin(rotation)
     u = cos * dx + sin * dy
     v = -sin * dx + cos * dy
-    dist = _shape_distance(shape, u, v)
+    dist = shape_distance(shape, u, v)
     alpha = np.clip(0.5 - dist * scale, 0.0, 1.0).astype(np.float32)  # ~1 px anti-aliased edge
     mix = _texture(texture, u, v, freq, tex_angle)[..., None]
     shading = (1.0 - 0.15 * np.clip(np.hypot(u, v), 0, 1))[..., None]
@@ -316,7 +318,7 @@ class ProceduralPairs:
         )  # fmt: skip
 
         # Generated: new context, moved / rescaled / rotated subject.
-        gen = _background(context, size, rng)
+        gen = render_background(context, size, rng)
         gen_scale = ref_scale * float(rng.uniform(0.65, 0.95))
         margin = gen_scale + 1.0
         center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ip_adapter import IPAdapterUNet, read_ip_adapter_file
+from .pixel_space import PixelSpaceAutoencoder, is_pixel_space_folder
 from .resampler import Resampler, resampler_config_from_state_dict
 from .tiny import TINY_RESAMPLER, build_tiny_components
 
@@ -47,7 +48,8 @@ class PatchDPOModels:
     """Everything the PatchDPO training loop needs from the model side.
 
     Frozen: ``vae`` (always fp32), ``text_encoder``, ``text_encoder_2``, ``image_encoder`` and the UNet inside
-    ``ip_unet``. Trainable: the IP K/V projections (and the resampler when ``ip_unet.train_resampler``).
+    ``ip_unet``. Trainable: the IP K/V projections (plus the resampler when ``ip_unet.train_resampler``, the UNet
+    when ``ip_unet.train_unet``).
     Wrap ``ip_unet`` for distributed training and call it with :meth:`predict_noise`'s arguments.
     """
 
@@ -81,7 +83,7 @@ class PatchDPOModels:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixel-to-latent downsampling factor (8 for SDXL and for the tiny VAE)."""
+        """Pixel-to-latent downsampling factor (8 for SDXL and for the tiny VAE, ``f`` in pixel space)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -103,8 +105,7 @@ class PatchDPOModels:
 
         The VAE runs in fp32. ``sample`` draws from the posterior (as SDXL training does); ``False`` takes its mode.
         """
-        vae_param = self.vae.encoder.conv_in.weight
-        dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         latents = dist.sample(generator) if sample else dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
@@ -112,9 +113,8 @@ class PatchDPOModels:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode_images`: scaled latents -> images in ``[-1, 1]`` (fp32)."""
-        vae_param = self.vae.decoder.conv_in.weight
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents.to(vae_param.device, vae_param.dtype) / self.vae.config.scaling_factor + shift
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(latents).sample.float()
 
     @torch.no_grad()
@@ -177,6 +177,18 @@ class PatchDPOModels:
         x = ((x.clamp(0, 1) - mean) / std).to(param.dtype)
         return self.image_encoder(pixel_values=x, output_hidden_states=True).hidden_states[-2]
 
+    @torch.no_grad()
+    def null_image_features(self, batch: int = 1) -> torch.Tensor:
+        """Image features of the dropped image prompt: the encoder on an all-zero (already normalized) input.
+
+        This is IP-Adapter(-Plus)'s convention for image-prompt dropout in training and for the unconditional branch
+        of classifier-free guidance; training and generation both use it.
+        """
+        size = self.image_size
+        param = self.image_encoder.vision_model.embeddings.patch_embedding.weight
+        zeros = torch.zeros(batch, 3, size, size, device=param.device, dtype=param.dtype)
+        return self.image_encoder(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
+
     # ------------------------------------------------------------------ denoiser
     def predict_noise(
         self,
@@ -232,6 +244,10 @@ class PatchDPOModels:
         """Load an IP-Adapter-Plus file (``.safetensors`` or official ``.bin``) into the adapter."""
         self.ip_unet.load_ip_adapter_weights(path, update_reference=update_reference)
 
+    def export_unet(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the UNet (without the IP processors) as a stock diffusers ``unet/`` folder."""
+        return self.ip_unet.export_unet(folder, dtype=dtype)
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter training checkpoint (policy + reference tensors)."""
         return self.ip_unet.adapter_state_dict()
@@ -284,8 +300,10 @@ def _pretrained_components(
     unet = UNet2DConditionModel.from_pretrained(
         root, subfolder="unet", torch_dtype=weight_dtype, variant=variant, **common
     )
-    if vae_path is not None:
-        vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)")
+    vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)") if vae_path is not None else root / "vae"
+    if is_pixel_space_folder(vae_dir):
+        vae = PixelSpaceAutoencoder.from_config(PixelSpaceAutoencoder.load_config(vae_dir))
+    elif vae_path is not None:
         vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, **common)
     else:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant, **common)
@@ -330,6 +348,7 @@ def build_models(
     resampler_heads: int | None = None,
     resampler_depth: int = 4,
     gradient_checkpointing: bool = False,
+    train_unet: bool = False,
 ) -> PatchDPOModels:
     """Build IP-Adapter-Plus on SDXL for PatchDPO training.
 
@@ -353,6 +372,8 @@ def build_models(
         num_ip_tokens, resampler_dim, resampler_heads, resampler_depth: resampler shape when no ``ip_adapter_path``
             is given (defaults: 16 tokens; width 1280 / 20 heads pretrained, 32 / 2 heads tiny; depth 4).
         gradient_checkpointing: enable activation checkpointing in the UNet.
+        train_unet: also train the UNet's own weights (full finetuning; the UNet is kept in fp32 then, whatever
+            ``weight_dtype``, as trainable master weights are).
 
     Raises:
         FileNotFoundError: a given folder or file does not exist (the message names it).
@@ -380,6 +401,8 @@ def build_models(
         if tiny and weight_dtype != torch.float32:
             for module in (unet, text_encoder, text_encoder_2, image_encoder):
                 module.to(weight_dtype)
+        if train_unet and unet.dtype != torch.float32:
+            unet.to(torch.float32)
         for module in (unet, vae, text_encoder, text_encoder_2, image_encoder):
             module.requires_grad_(False)
             module.eval()
@@ -415,6 +438,7 @@ def build_models(
             attention_backend=attention_backend,
             xformers_fallback=xformers_fallback,
             ip_scale=ip_scale,
+            train_unet=train_unet,
         )
     if adapter_groups is not None:
         ip_unet.load_ip_adapter_weights(adapter_groups, update_reference=True)

@@ -44,6 +44,11 @@ def cross_attention_processor_names(unet: nn.Module) -> list[str]:
     return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
 
 
+def _is_processor_key(name: str) -> bool:
+    """Whether a UNet parameter/state-dict key belongs to an installed attention processor (our IP weights)."""
+    return ".processor." in name
+
+
 def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
     return unet.get_submodule(processor_name[: -len(".processor")])
 
@@ -116,6 +121,9 @@ class IPAdapterUNet(nn.Module):
         unet: a diffusers ``UNet2DConditionModel``; its processors are replaced in place and its weights frozen.
         resampler: the ``image_proj`` resampler (kept in its own dtype, fp32 recommended).
         train_resampler: train the resampler too (and keep a frozen reference copy of it).
+        train_unet: also train the UNet's own weights (full finetuning, e.g. to pretrain a model from scratch). The
+            frozen reference adapter then runs on the *trained* UNet, so it is no DPO reference model: a forward
+            with ``use_reference=True`` raises.
         attention_backend: ``"sdpa"``, ``"xformers"`` or ``"eager"`` for every attention layer of the UNet.
         xformers_fallback: fall back to ``"sdpa"`` with a warning (True) or raise (False) if xformers is unusable.
         ip_scale: weight of the image branch in every IP processor.
@@ -134,6 +142,7 @@ class IPAdapterUNet(nn.Module):
         xformers_fallback: bool = True,
         ip_scale: float = 1.0,
         adapter_dtype: torch.dtype = torch.float32,
+        train_unet: bool = False,
     ) -> None:
         super().__init__()
         cross_dim = unet.config.cross_attention_dim
@@ -145,6 +154,7 @@ class IPAdapterUNet(nn.Module):
         self.unet = unet
         self.image_proj = resampler
         self.train_resampler = train_resampler
+        self.train_unet = train_unet
         self.ref_image_proj: Resampler | None = None
         self._use_reference = False
         self._ip_names = cross_attention_processor_names(unet)
@@ -194,6 +204,10 @@ class IPAdapterUNet(nn.Module):
             proc.to_v_ip.requires_grad_(True)
             proc.ref_k_ip.requires_grad_(False)
             proc.ref_v_ip.requires_grad_(False)
+        if self.train_unet:
+            for name, param in self.unet.named_parameters():
+                if not _is_processor_key(name):
+                    param.requires_grad_(True)
         self.image_proj.requires_grad_(self.train_resampler)
         if self.train_resampler:
             if self.ref_image_proj is None:
@@ -291,6 +305,11 @@ class IPAdapterUNet(nn.Module):
         """
         if use_reference is None:
             use_reference = self._use_reference
+        if use_reference and self.train_unet:
+            raise RuntimeError(
+                "the UNet trains (train_unet=True), so the reference adapter on it is not a frozen reference model; "
+                "DPO losses are not available in this mode"
+            )
         grad_ctx = torch.no_grad() if use_reference else contextlib.nullcontext()
         dtype = self.unet.conv_in.weight.dtype
         with grad_ctx:
@@ -370,6 +389,43 @@ class IPAdapterUNet(nn.Module):
                 target.weight.copy_(value)
         if update_reference:
             self.sync_reference()
+
+    def unet_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's own weights (detached), without the IP processors': the keys of a stock diffusers UNet."""
+        return {k: v.detach() for k, v in self.unet.state_dict().items() if not _is_processor_key(k)}
+
+    @torch.no_grad()
+    def load_unet_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`unet_state_dict` output (strict: every key, matching shapes)."""
+        ours = self.unet_state_dict()
+        missing = sorted(set(ours) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(ours))
+        if missing or unexpected:
+            raise KeyError(f"UNet state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for key, target in ours.items():
+            value = state_dict[key]
+            if value.shape != target.shape:
+                raise ValueError(f"unet {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
+            target.copy_(value)
+
+    def export_unet(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the UNet as a stock diffusers ``unet/`` folder (``config.json`` + safetensors weights).
+
+        The IP processors are left out (they go into the IP-Adapter file), so
+        ``UNet2DConditionModel.from_pretrained(folder)`` loads it without warnings. The folder is written next to
+        its final place and renamed into it, replacing an older export.
+        """
+        from patchdpo_fast.utils import atomic_write_dir
+
+        tensors = {k: v.to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.unet_state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            from safetensors.torch import save_file
+
+            self.unet.save_config(tmp)
+            save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+        return atomic_write_dir(folder, write)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Training checkpoint of the adapter: policy and reference weights (tensors only, detached).
