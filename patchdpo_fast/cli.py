@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quality-eval": ("patchdpo_fast.quality.evaluate", "corruption-localization benchmark (AUROC, AP) of an estimator"),
     "generate": ("patchdpo_fast.eval.generate", "generate the DreamBench protocol with an IP-Adapter-Plus adapter"),
     "evaluate": ("patchdpo_fast.eval.evaluate", "score DreamBench images: DINO, CLIP-I, CLIP-T beside the paper"),
+    "minibench": ("patchdpo_fast.minibench.runner", "PatchDPO's comparison in a mini world learnt from scratch (CPU)"),
     "ops-demo": ("patchdpo_fast.ops_demo", "compare the fused Triton losses with the PyTorch reference"),
 }
 
