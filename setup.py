@@ -22,7 +22,10 @@ setup(
     packages=_packages,
     package_dir={"patchdpo_fast": "patchdpo_fast", "patchdpo_fast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"patchdpo_fast.quality": ["assets/*.json", "assets/*/*.json", "assets/*/*/*"]},
+    package_data={
+        "patchdpo_fast.quality": ["assets/*.json", "assets/*/*.json", "assets/*/*/*"],
+        "patchdpo_fast.minibench": ["assets/quickstart/**/*"],
+    },
     install_requires=[
         # Core: the fused loss ops need only these.
         "torch>=2.4",

@@ -36,7 +36,6 @@ __all__ = [
     "TEXTURES",
     "ProceduralPair",
     "ProceduralPairs",
-    "render_background",
     "shape_distance",
     "write_procedural_manifest",
 ]
@@ -145,7 +144,7 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, angle: flo
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def render_background(context: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _background(context: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """An ``(H, W, 3)`` background for the generated image's context."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     noise = rng.normal(0.0, 1.0, (size, size, 1)).astype(np.float32)
@@ -318,7 +317,7 @@ class ProceduralPairs:
         )  # fmt: skip
 
         # Generated: new context, moved / rescaled / rotated subject.
-        gen = render_background(context, size, rng)
+        gen = _background(context, size, rng)
         gen_scale = ref_scale * float(rng.uniform(0.65, 0.95))
         margin = gen_scale + 1.0
         center = (float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin)))

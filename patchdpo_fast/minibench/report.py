@@ -54,11 +54,28 @@ def _deltas(models: dict[str, dict[str, float]], baseline: str) -> dict[str, dic
             out[name].setdefault(metric, []).append(value - base[metric])  # type: ignore[arg-type]
     return {
         name: {
-            m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+            m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
             for m, v in metrics.items()
         }
         for name, metrics in out.items()
     }
+
+
+def _significant(stat: dict[str, float]) -> int:
+    """+1 / -1 when a paired mean difference is at least two standard errors away from 0 (n >= 3), else 0."""
+    n = stat.get("n", 1)
+    if n < 3:
+        return 0
+    se = stat["std"] / np.sqrt(n)
+    if abs(stat["mean"]) <= 2 * se or stat["mean"] == 0:
+        return 0
+    return 1 if stat["mean"] > 0 else -1
+
+
+def _delta_cell(stat: dict[str, float], higher_is_better: bool) -> str:
+    sign = _significant(stat)
+    mark = "" if sign == 0 else (" (+)" if (sign > 0) == higher_is_better else " (−)")
+    return f"{stat['mean']:+.3f} ± {stat['std']:.3f}{mark}"
 
 
 def _cell(stat: dict[str, float], bold: bool = False) -> str:
@@ -84,7 +101,9 @@ def _table(rows: list[tuple[str, str]], agg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _sanity(bench: Any, agg: dict[str, Any], info: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def _sanity(
+    bench: Any, agg: dict[str, Any], models: dict[str, Any], info: dict[str, Any]
+) -> tuple[list[str], dict[str, Any]]:
     lines, checks = [], {}
     judges = info.get("judges", {}).get("sanity", {})
     if judges:
@@ -115,20 +134,22 @@ def _sanity(bench: Any, agg: dict[str, Any], info: dict[str, Any]) -> tuple[list
         ("ddpo_swapped", "ddpo", "Diffusion-DPO with winners and losers swapped"),
         ("pwmse_oracle_flipped", "pwmse_oracle", "official PatchDPO with its oracle maps rotated by 180 degrees"),
     ):
-        if control in agg and correct in agg:
-            c, r = agg[control], agg[correct]
-            worse = [m for m in ("id_sim", "detail_acc", "id_acc") if c[m]["mean"] < r[m]["mean"]]
-            ok = len(worse) >= 2
-            checks[f"{control}_is_worse"] = ok
-            lines.append(
-                f"- {'PASS' if ok else 'FAIL'} — {what} does worse than the correct run on "
-                f"{len(worse)} of 3 identity metrics ("
-                + ", ".join(
-                    f"{METRICS[m][0]} {c[m]['mean']:.3f} vs {r[m]['mean']:.3f}"
-                    for m in ("id_sim", "detail_acc", "id_acc")
-                )
-                + ")."
+        diff = _deltas({k: v for k, v in models.items() if k.rsplit("/", 1)[0] in (control, correct)}, correct)
+        if control not in diff:
+            continue
+        keys = ("id_sim", "detail_acc", "id_acc")
+        signs = {m: _significant(diff[control][m]) for m in keys}
+        worse, better = sum(v < 0 for v in signs.values()), sum(v > 0 for v in signs.values())
+        verdict = "PASS" if worse >= 2 and not better else ("FAIL" if better else "INCONCLUSIVE")
+        checks[f"{control}_is_worse"] = verdict
+        lines.append(
+            f"- {verdict} — {what} against the correct run, per-seed paired differences (control minus correct, "
+            "mean ± std; a difference counts when it is at least two standard errors from 0): "
+            + ", ".join(
+                f"{METRICS[m][0]} {diff[control][m]['mean']:+.3f} ± {diff[control][m]['std']:.3f}" for m in keys
             )
+            + (". Worse on " + f"{worse} of 3." if verdict != "INCONCLUSIVE" else "; within the seed noise.")
+        )
     quality = info.get("quality", {})
     if quality:
         auroc = quality.get("estimator_auroc_on_oracle_bad_patches")
@@ -252,7 +273,7 @@ def write_report(bench: Any) -> dict[str, Any]:
     ]
     control_rows = [(v.name, v.label) for v in variants if v.control is not None]
     reference_rows = [("untrained", "untrained (random init)")]
-    sanity_lines, checks = _sanity(bench, agg, infos)
+    sanity_lines, checks = _sanity(bench, agg, models, infos)
     seeds = bench.settings.finetune.seeds
     s = bench.settings
     lines = [
@@ -281,15 +302,15 @@ def write_report(bench: Any) -> dict[str, Any]:
         "",
         "### Per-seed difference to the base model (same noise), mean ± std",
         "",
+        "(+) / (−): better / worse than the base model by at least two standard errors of the paired difference.",
+        "",
         "| Method | " + " | ".join(METRICS[m][0] for m in _TABLE) + " |",
         "|---|" + "---:|" * len(_TABLE),
     ]
     for name, label in main_rows[1:] + control_rows:
         if name in deltas:
             lines.append(
-                f"| {label} | "
-                + " | ".join(f"{deltas[name][m]['mean']:+.3f} ± {deltas[name][m]['std']:.3f}" for m in _TABLE)
-                + " |"
+                f"| {label} | " + " | ".join(_delta_cell(deltas[name][m], METRICS[m][2]) for m in _TABLE) + " |"
             )
     lines += ["", "## Sanity checks", "", *sanity_lines, ""]
     grid = _sample_grid(bench, main_rows, bench.path("samples_grid.png"), seeds[0])

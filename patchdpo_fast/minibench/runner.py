@@ -48,6 +48,18 @@ __all__ = ["STAGES", "Minibench", "main"]
 logger = logging.getLogger("patchdpo_fast.minibench")
 
 STAGES: tuple[str, ...] = ("world", "judges", "init", "pretrain", "pairs", "quality", "finetune", "evaluate", "report")
+#: The settings each stage's results depend on (directly or through earlier stages' outputs).
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "world": ("world.",),
+    "judges": ("world.", "judges."),
+    "init": ("world.resolution", "size"),
+    "pretrain": ("world.", "size", "pretrain.", "quality.map_size"),
+    "pairs": ("pairs.",),
+    "quality": ("quality.",),
+    "finetune": ("finetune.",),
+    "evaluate": ("eval.", "finetune."),
+    "report": (),
+}
 
 
 class CommandError(RuntimeError):
@@ -82,17 +94,28 @@ class Minibench:
             logger.info("--overwrite: removing %s", self.folder)
             shutil.rmtree(self.folder)
         if record.is_file():
-            recorded = json.loads(record.read_text(encoding="utf-8"))
-            if recorded != json.loads(json.dumps(settings.to_dict())):
-                diff = _diff(recorded, json.loads(json.dumps(settings.to_dict())))
-                raise ValueError(
-                    f"{self.folder} holds a minibench run with other settings ({', '.join(diff[:6])}); "
-                    "use another folder or --overwrite"
-                )
+            self._check_settings(json.loads(record.read_text(encoding="utf-8")))
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(record, settings.to_dict())
         w = settings.world
         self.world = MiniWorld(w.num_subjects, w.num_heldout, w.resolution, w.seed)
+
+    def _check_settings(self, recorded: dict[str, Any]) -> None:
+        """Refuse settings that differ where a finished stage depends on them; accept (and log) the others."""
+        current = json.loads(json.dumps(self.settings.to_dict()))
+        problems, changes = [], []
+        for line in _diff(recorded, current):
+            key = line.split(":", 1)[0]
+            stages = [st for st, keys in STAGE_SETTINGS.items() if any(key.startswith(k) for k in keys)]
+            done = [st for st in stages if self.done(st)]
+            (problems if done else changes).append(f"{line} (stage {', '.join(done or stages)})")
+        if problems:
+            raise ValueError(
+                f"{self.folder} holds a minibench run whose finished stages used other settings: "
+                f"{'; '.join(problems[:6])}; use another folder or --overwrite"
+            )
+        for line in changes:
+            logger.info("settings changed for stages not run yet: %s", line)
 
     # ------------------------------------------------------------------------------------------------ paths
     def path(self, *parts: str) -> Path:
@@ -157,7 +180,7 @@ class Minibench:
                         )
                     )
         Manifest(pre / "manifest.jsonl", records, {"created_by": "patchdpo minibench (ground truth)"}).save()
-        scenes = _spread(world.scenes, self.settings.pairs.prompts_per_subject)
+        scenes = world.pair_scenes(self.settings.pairs.prompts_per_subject)
         atomic_write_text(self.path("world", "pair_prompts.txt"), "".join(s.prompt + "\n" for s in scenes))
         return {
             "pretrain_records": len(records),
@@ -209,7 +232,7 @@ class Minibench:
                 "missing_maps": "uniform",
             },
             "loss": {"type": "reconstruction"},
-            "optim": {"lr": p.lr, "warmup_steps": p.warmup_steps, "lr_schedule": "constant", "weight_decay": 0.01},
+            "optim": {"lr": p.lr, "warmup_steps": p.warmup_steps, "lr_schedule": p.lr_schedule, "weight_decay": 0.01},
             "train": {
                 "max_steps": p.steps,
                 "seed": 0,
@@ -318,11 +341,12 @@ class Minibench:
         est_manifest = pairs / "manifest.estimator.jsonl"
         if not est_manifest.is_file():
             shutil.copyfile(pairs / "manifest.jsonl", est_manifest)
+        estimator = str(self._train_estimator()) if q.estimator == "world" else q.estimator
         argv = [
             "--manifest",
             str(est_manifest),
             "--estimator",
-            q.estimator,
+            estimator,
             "--map-size",
             str(q.map_size),
             "--device",
@@ -369,6 +393,39 @@ class Minibench:
         }
         logger.info("estimator vs oracle maps: %s", _fmt(info))
         return info
+
+    def _train_estimator(self) -> Path:
+        """``patchdpo quality-train`` (self-supervised, time-boxed) on clean renders of the training subjects."""
+        from patchdpo_fast.data.files import save_image_atomic
+        from patchdpo_fast.quality import train_backbone
+
+        images = self.path("world", "quality_images")
+        world = self.world
+        for si, subject in enumerate(world.train_subjects):
+            folder = images / subject.name
+            if folder.is_dir():
+                continue
+            save_image_atomic(_to_uint8(world.render_reference(subject).image), folder / "reference.png")
+            for k, scene in enumerate(world.scenes[si % 6 :: 6]):
+                render = world.render(subject, scene, seed=2_000_000 + si * 100 + k)
+                save_image_atomic(_to_uint8(render.image), folder / f"scene_{k}.png")
+        out = self.path("quality_estimator")
+        argv = [
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--minutes",
+            str(self.settings.quality.train_minutes),
+            "--device",
+            "cpu",
+            "--threads",
+            str(self.settings.threads),
+        ]
+        if not self.progress:
+            argv.append("--no-progress")
+        _run_command("quality-train", train_backbone.main, argv)
+        return out
 
     # ------------------------------------------------------------------------------------------------ 7. finetune
     def finetune_config(self, variant: Variant, seed: int) -> dict[str, Any]:
@@ -512,13 +569,6 @@ class Minibench:
 # --- helpers
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def _spread(items: list[Any], count: int) -> list[Any]:
-    """``count`` items spread evenly over ``items``."""
-    count = max(1, min(count, len(items)))
-    step = len(items) / count
-    return [items[int(i * step)] for i in range(count)]
 
 
 def _auroc(score: np.ndarray, positive: np.ndarray) -> float | None:

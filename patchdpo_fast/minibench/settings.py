@@ -71,11 +71,12 @@ class JudgeSettings:
 
 @dataclass
 class PretrainSettings:
-    steps: int = 3000
-    pairs_per_batch: int = 32
-    lr: float = 4e-4
+    steps: int = 2400
+    pairs_per_batch: int = 64
+    lr: float = 1e-3
     warmup_steps: int = 100
-    checkpoint_every: int = 250
+    lr_schedule: str = "cosine"
+    checkpoint_every: int = 400
     curve_every: int = 0  #: also grade held-out identity every N steps (learning curve); 0 = off
 
 
@@ -84,21 +85,24 @@ class PairSettings:
     prompts_per_subject: int = 6
     images_per_prompt: int = 2
     sampler_steps: int = 20
-    guidance: float = 3.0
-    batch_size: int = 16
+    guidance: float = 2.0
+    batch_size: int = 32
 
 
 @dataclass
 class QualitySettings:
-    estimator: str = "trained"  #: "trained" (shipped), "tiny" (untrained) or a folder
+    #: "world": a tiny estimator trained here by `patchdpo quality-train` on clean renders of the training subjects;
+    #: "trained" (the shipped one, trained on DreamBench photos), "tiny" (untrained) or an estimator folder
+    estimator: str = "world"
+    train_minutes: float = 3.0  #: quality-train budget for estimator="world"
     map_size: int = 8
 
 
 @dataclass
 class FinetuneSettings:
-    steps: int = 150
+    steps: int = 200
     pairs_per_batch: int = 8
-    lr: float = 1e-4
+    lr: float = 2e-4
     beta: float = 5000.0
     seeds: tuple[int, ...] = (0, 1, 2)
     controls: bool = True
@@ -109,7 +113,7 @@ class FinetuneSettings:
 class EvalSettings:
     samples_per_prompt: int = 1
     sampler_steps: int = 20
-    guidance: float = 3.0
+    guidance: float = 2.0
     batch_size: int = 64
 
 
@@ -170,7 +174,7 @@ def preset(name: str) -> MinibenchSettings:
             judges=JudgeSettings(steps=10, batch=16, draws=1),
             pretrain=PretrainSettings(steps=4, pairs_per_batch=4, warmup_steps=0, checkpoint_every=2),
             pairs=PairSettings(prompts_per_subject=1, images_per_prompt=1, sampler_steps=2, batch_size=8),
-            quality=QualitySettings(estimator="trained"),
+            quality=QualitySettings(estimator="world", train_minutes=0.05),
             finetune=FinetuneSettings(steps=2, pairs_per_batch=2, seeds=(0,)),
             eval=EvalSettings(sampler_steps=2),
         )

@@ -5,8 +5,8 @@ rings, ...) and a small square emblem of a third colour at its centre. Shape and
 glance; pattern and emblem are a few pixels wide at 32 px, exactly the kind of local detail a personalized
 generator gets wrong and PatchDPO is meant to fix.
 
-A **scene** is what a prompt asks for: a background kind (``on the beach``, ``in the snow``, ...; textures from
-:func:`patchdpo_fast.data.procedural.render_background`), a position (left / center / right) and a scale (small /
+A **scene** is what a prompt asks for: a background kind (``on the beach``, ``in the snow``, ...; smooth layouts
+drawn at random by :func:`render_background`), a position (left / center / right) and a scale (small /
 large), e.g. ``"a small object in the snow, on the left"``. Position and scale are fully determined by the prompt,
 so for every (subject, prompt) the renderer knows which pixels belong to the subject and what they must look like
 (:meth:`MiniWorld.render`); only the background texture is random. The **reference** of a subject is its clean
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from patchdpo_fast.data.procedural import CONTEXTS, render_background, shape_distance
+from patchdpo_fast.data.procedural import CONTEXTS, shape_distance
 
 __all__ = [
     "ATTRIBUTES",
@@ -42,6 +42,7 @@ __all__ = [
     "Render",
     "Scene",
     "Subject",
+    "render_background",
 ]
 
 #: Colours of bodies, patterns and emblems.
@@ -122,6 +123,66 @@ class Render:
     alpha: np.ndarray
     subject_rgb: np.ndarray
     background: np.ndarray
+
+
+def render_background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth ``(size, size, 3)`` background of a kind: large structures drawn at random, no pixel noise.
+
+    Each kind has its own colours and layout (a horizon, trunks, buildings, dunes, ...), so a background is
+    recognisable from a glance and cheap to learn: the model's capacity goes to the subject.
+    """
+    y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    img = np.empty((size, size, 3), np.float32)
+
+    def paint(mask: np.ndarray, color: tuple[float, float, float]) -> None:
+        img[mask] = color
+
+    def gradient(top: tuple[float, ...], bottom: tuple[float, ...]) -> np.ndarray:
+        t = y[..., None]
+        return (1 - t) * np.asarray(top, np.float32) + t * np.asarray(bottom, np.float32)
+
+    u = rng.random(8).astype(np.float32)
+    if kind == "beach":
+        horizon = 0.3 + 0.15 * u[0]
+        img[:] = gradient((0.55, 0.78, 0.98), (0.75, 0.9, 1.0))
+        paint(y >= horizon, (0.1, 0.42, 0.75))
+        shore = horizon + 0.12 + 0.04 * np.sin(7 * x + 6 * u[1])
+        paint(y >= shore, (0.93, 0.84, 0.62))
+    elif kind == "forest":
+        img[:] = gradient((0.12, 0.38, 0.16), (0.06, 0.22, 0.08))
+        for k in range(4):
+            cx, w = (k + 0.3 + 0.4 * u[k]) / 4, 0.035 + 0.02 * u[4 + k]
+            paint(np.abs(x - cx) < w, (0.36, 0.22, 0.1))
+    elif kind == "city":
+        img[:] = gradient((0.7, 0.72, 0.78), (0.6, 0.62, 0.68))
+        for k in range(5):
+            x0, top = k / 5 + 0.03 * u[k], 0.25 + 0.3 * u[(k + 3) % 8]
+            shade = 0.3 + 0.12 * ((k + int(4 * u[7])) % 3)
+            paint((x >= x0) & (x < x0 + 0.17) & (y > top), (shade, shade, shade + 0.04))
+        paint(y > 0.88, (0.25, 0.25, 0.27))
+    elif kind == "snow":
+        img[:] = gradient((0.8, 0.86, 0.95), (0.97, 0.98, 1.0))
+        hill = 0.45 + 0.08 * np.sin(5 * x + 6 * u[0])
+        paint(y < hill, (0.66, 0.76, 0.9))
+        img[y >= hill] = gradient((0.93, 0.95, 0.99), (1.0, 1.0, 1.0))[y >= hill]
+    elif kind == "night":
+        img[:] = gradient((0.02, 0.03, 0.12), (0.08, 0.1, 0.28))
+        for k in range(6):
+            sy, sx = int(u[k] * size * 0.8), int(((k + u[(k + 2) % 8]) / 6) * size) % size
+            img[sy, sx] = (1.0, 1.0, 0.85)
+    elif kind == "grass":
+        stripe = 0.5 + 0.5 * np.sin(10 * y + 4 * u[0])
+        img[:] = np.stack([0.22 + 0.06 * stripe, 0.55 + 0.12 * stripe, 0.16 + 0.04 * stripe], -1)
+    elif kind == "desert":
+        dune = 0.5 + 0.5 * np.sin(7 * x + 5 * y + 6 * u[0])
+        img[:] = np.stack([0.86 + 0.08 * dune, 0.58 + 0.1 * dune, 0.26 + 0.06 * dune], -1)
+        paint(y < 0.2 + 0.08 * u[1], (0.62, 0.82, 0.96))
+    elif kind == "table":
+        grain = 0.5 + 0.5 * np.sin(30 * y + 2.5 * np.sin(4 * x + 6 * u[0]))
+        img[:] = np.stack([0.5 + 0.12 * grain, 0.3 + 0.08 * grain, 0.13 + 0.04 * grain], -1)
+    else:
+        raise ValueError(f"unknown background {kind!r}")
+    return np.clip(img, 0.0, 1.0)
 
 
 def _pattern_mix(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -275,6 +336,14 @@ class MiniWorld:
         n = len(self.scenes)
         step = max(1, n // count)
         return [self.scenes[(index + k * step) % n] for k in range(count)]
+
+    @staticmethod
+    def pair_scenes(count: int) -> list[Scene]:
+        """The prompts of pair building: backgrounds in turn, positions and scales varied, none an evaluation one."""
+        positions, scales = ("left", "center", "right"), ("large", "small")
+        return [
+            Scene(BACKGROUNDS[i % len(BACKGROUNDS)], positions[(i + 1) % 3], scales[(i + 1) % 2]) for i in range(count)
+        ]
 
     @staticmethod
     def eval_scenes() -> list[Scene]:

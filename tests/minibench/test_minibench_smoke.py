@@ -49,3 +49,32 @@ def test_smoke_run_connects_every_stage_and_resumes(tmp_path, capsys):
     # other settings into the same folder are refused, naming what differs
     assert main(["--smoke", "--out", str(out), "--no-progress", "--seeds", "2"]) == 2
     assert "finetune.seeds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_kit_from_a_run_trains_with_the_readme_config(tmp_path):
+    """The README's first command (configs/mini_world.yaml) on a kit written from a (smoke) minibench run."""
+    from pathlib import Path
+
+    from patchdpo_fast.config import load_config
+    from patchdpo_fast.minibench.quickstart import write_quickstart
+    from patchdpo_fast.train import train
+
+    out = tmp_path / "mb"
+    assert main(["--smoke", "--out", str(out), "--no-progress", "--until", "quality"]) == 0
+    kit = tmp_path / "kit"
+    info = write_quickstart(out, kit, subjects=2, heldout=2)
+    assert info["pairs"] == 2 and len(info["heldout"]) == 2
+    repo = Path(__file__).resolve().parents[2]
+    shipped = "patchdpo_fast/minibench/assets/quickstart"
+    text = (repo / "configs" / "mini_world.yaml").read_text().replace(shipped, str(kit))
+    (tmp_path / "mini_world.yaml").write_text(text)
+    cfg = load_config(tmp_path / "mini_world.yaml", [f"train.output_dir={tmp_path / 'run'}",
+                                                     f"cache.dir={tmp_path / 'cache'}", "train.max_steps=2",
+                                                     "data.pairs_per_batch=2", "samples.steps=2"])  # fmt: skip
+    result = train(cfg)
+    assert result.final_step == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "step_00000000.png",
+        "step_00000002.png",
+    ]

@@ -111,3 +111,24 @@ def test_training_drops_the_image_prompt_as_generation_does(tmp_path):
     train(unet_cfg(tmp_path, "train.max_steps=1", "model.train_unet=false", "loss.type=mse"))
     null = CachedPairDataset(tmp_path / "cache").null_conditioning()
     assert torch.allclose(null["image_features"], models.null_image_features(), atol=1e-6)
+
+
+def test_sample_grids_before_and_after_training(tmp_path):
+    """samples.references + prompts: a grid (reference, then one sample per prompt) at step 0 and at the end."""
+    from PIL import Image
+
+    refs = tmp_path / "refs"
+    for name, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (refs / name).mkdir(parents=True)
+        Image.new("RGB", (64, 64), color).save(refs / name / "ref.png")
+    opts = ["model.train_unet=false", "loss.type=mse", f"samples.references={refs}", "samples.steps=2"]
+    cfg = unet_cfg(tmp_path, "train.max_steps=2", *opts, "samples.prompts=[a dog, a cat on the beach]")
+    result = train(cfg)
+    grids = sorted((result.output_dir / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_00000000.png", "step_00000002.png"]
+    with Image.open(grids[0]) as img:
+        cell = 96 + 2  # 64 px images are shown at least 96 px wide, 2 px apart
+        assert img.size == (3 * cell + 2, 2 * cell + 2)  # 2 references x (reference + 2 prompts)
+        assert img.getpixel((2 + 10, 2 + 10))[0] > 150  # first row starts with the red reference
+    with pytest.raises(ConfigError, match=r"samples\.prompts"):
+        unet_cfg(tmp_path, f"samples.references={refs}")
