@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from patchdpo_fast.minibench.world import MiniWorld, Scene, Subject
 
-__all__ = ["oracle_maps", "pixel_error"]
+__all__ = ["auroc", "map_agreement", "oracle_maps", "pixel_error"]
 
 _TOLERANCE = 0.4
 
@@ -81,3 +81,65 @@ def oracle_maps(
     den = F.avg_pool2d(alpha[None, None], cell)[0, 0]
     q_ref = torch.where(den > 0.05, num / den.clamp_min(1e-6), torch.ones_like(den))
     return q_ref.float(), q_gen.float(), quality
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``score`` for the boolean ``positive`` labels (ties share their rank; None when
+    one class is empty)."""
+    score, positive = np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = int(positive.sum()), int((~positive).sum())
+    if pos == 0 or neg == 0:
+        return None
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    mid_rank = (upper - (counts - 1) / 2.0)[inverse]  # the average 1-based rank of each tie group
+    return float((mid_rank[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def map_agreement(
+    world: MiniWorld,
+    pairs: list[tuple[str, str, np.ndarray, np.ndarray]],
+    map_size: int,
+    bad_below: float = 0.5,
+) -> dict[str, float | int | None]:
+    """How well estimated generated-side maps agree with the oracle's, overall and by region.
+
+    ``pairs`` holds ``(subject, prompt, q_gen_estimated, q_gen_oracle)`` with maps ``(map_size, map_size)``. A patch
+    is a *subject* patch when the subject covers more than half of it where the prompt places it, *background* when
+    it covers less than 5%. Returns the Pearson correlation and the AUROC of the estimate for the oracle's bad patches
+    (``q < bad_below``) over all patches and over subject patches only, and the mean quality of each map on each
+    region: an estimator that calls every patch absent from the reference bad (the prompted background) is told apart
+    from one that cannot see defects on the subject.
+    """
+    est, ora, cover = [], [], []
+    for subject, prompt, q_est, q_ora in pairs:
+        render = world.render(world.subject(subject), world.scene_from_prompt(prompt))
+        alpha = torch.from_numpy(render.alpha)[None, None]
+        cover.append(F.adaptive_avg_pool2d(alpha, map_size)[0, 0].numpy().reshape(-1))
+        est.append(np.asarray(q_est, dtype=np.float64).reshape(-1))
+        ora.append(np.asarray(q_ora, dtype=np.float64).reshape(-1))
+    e, o, c = np.concatenate(est), np.concatenate(ora), np.concatenate(cover)
+    subject, background = c > 0.5, c < 0.05
+    bad = o < bad_below
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+        return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else None
+
+    def mean(a: np.ndarray) -> float | None:
+        return float(a.mean()) if len(a) else None
+
+    return {
+        "pairs": len(pairs),
+        "estimator_vs_oracle_pearson": pearson(e, o),
+        "oracle_bad_patch_fraction": float(bad.mean()),
+        "estimator_auroc_on_oracle_bad_patches": auroc(-e, bad),
+        "subject_patch_fraction": float(subject.mean()),
+        "subject_estimator_vs_oracle_pearson": pearson(e[subject], o[subject]),
+        "subject_estimator_auroc_on_oracle_bad_patches": auroc(-e[subject], bad[subject]),
+        "subject_oracle_bad_fraction": mean(bad[subject]),
+        "background_oracle_bad_fraction": mean(bad[background]),
+        "subject_estimator_mean_quality": mean(e[subject]),
+        "background_estimator_mean_quality": mean(e[background]),
+        "subject_oracle_mean_quality": mean(o[subject]),
+        "background_oracle_mean_quality": mean(o[background]),
+    }

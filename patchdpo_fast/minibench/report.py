@@ -152,15 +152,27 @@ def _sanity(
         )
     quality = info.get("quality", {})
     if quality:
-        auroc = quality.get("estimator_auroc_on_oracle_bad_patches")
+
+        def f3(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
         lines.append(
-            f"- estimator vs oracle maps on the {quality['pairs']} pairs: Pearson r = "
-            f"{quality['estimator_vs_oracle_pearson']:.3f}; AUROC of the estimator for the patches the oracle "
-            "calls bad "
-            f"(q < 0.5, {quality['oracle_bad_patch_fraction']:.1%} of patches): "
-            + (f"{auroc:.3f}" if auroc is not None else "n/a")
-            + "."
+            f"- estimator ({quality.get('estimator', '?')}) vs oracle maps on the {quality['pairs']} pairs: "
+            f"Pearson r = {f3(quality['estimator_vs_oracle_pearson'])}; AUROC of the estimator for the patches the "
+            f"oracle calls bad (q < 0.5, {quality['oracle_bad_patch_fraction']:.1%} of patches): "
+            f"{f3(quality['estimator_auroc_on_oracle_bad_patches'])}."
         )
+        if quality.get("subject_patch_fraction") is not None:
+            lines.append(
+                f"- on the subject's patches only ({quality['subject_patch_fraction']:.1%} of patches; the oracle "
+                f"calls {f3(quality['subject_oracle_bad_fraction'])} of them bad, "
+                f"{f3(quality['background_oracle_bad_fraction'])} of background patches): Pearson r = "
+                f"{f3(quality['subject_estimator_vs_oracle_pearson'])}, AUROC "
+                f"{f3(quality['subject_estimator_auroc_on_oracle_bad_patches'])}; mean estimated quality "
+                f"{f3(quality['subject_estimator_mean_quality'])} on the subject and "
+                f"{f3(quality['background_estimator_mean_quality'])} on the background (oracle: "
+                f"{f3(quality['subject_oracle_mean_quality'])} and {f3(quality['background_oracle_mean_quality'])})."
+            )
     return lines, checks
 
 
@@ -264,6 +276,8 @@ def write_report(bench: Any) -> dict[str, Any]:
         marker = bench.path("stages", f"{stage}.json")
         if marker.is_file():
             infos[stage] = json.loads(marker.read_text(encoding="utf-8"))
+    if "quality" in infos and "subject_patch_fraction" not in infos["quality"]:
+        infos["quality"].update(bench.map_agreement())  # a run whose quality stage predates the by-region figures
     models = infos["evaluate"]["models"]
     agg = _aggregate(models)
     deltas = _deltas(models, "base")

@@ -331,7 +331,7 @@ class Minibench:
     # ------------------------------------------------------------------------------------------------ 6. quality
     def stage_quality(self) -> dict[str, Any]:
         """Estimator maps, oracle maps, the flipped-map control and how well estimator and oracle agree."""
-        from patchdpo_fast.data.files import load_image, read_quality_array, write_quality_map
+        from patchdpo_fast.data.files import load_image, write_quality_map
         from patchdpo_fast.data.manifest import Manifest
         from patchdpo_fast.minibench.oracle import oracle_maps
         from patchdpo_fast.quality import manifest_maps
@@ -362,9 +362,6 @@ class Minibench:
         oracle.path = pairs / "manifest.oracle.jsonl"
         flipped = Manifest.load(pairs / "manifest.jsonl", check="none")
         flipped.path = pairs / "manifest.flipped.jsonl"
-        agreement: list[tuple[float, float]] = []
-        estimated = Manifest.load(est_manifest, check="none")
-        est_maps = {(p.record_id, p.k): p for p in estimated.pairs()}
         for pair in oracle.pairs():
             image = load_image(pair.generated).permute(1, 2, 0).numpy()
             q_ref, q_gen, _ = oracle_maps(self.world, pair.subject, pair.prompt, image, q.map_size)
@@ -376,23 +373,29 @@ class Minibench:
             write_quality_map(ref_flip, torch.flip(q_ref, (0, 1)))
             write_quality_map(gen_flip, torch.flip(q_gen, (0, 1)))
             flipped.set_quality_maps(pair.record_id, pair.k, ref_flip, gen_flip)
-            est = est_maps[(pair.record_id, pair.k)]
-            est_gen = read_quality_array(est.q_gen).reshape(-1)
-            agreement.extend(zip(est_gen.tolist(), q_gen.reshape(-1).tolist(), strict=True))
         oracle.header["quality_maps"] = {"estimator": {"kind": "oracle", "source": "patchdpo minibench renderer"}}
         flipped.header["quality_maps"] = {"estimator": {"kind": "oracle, rotated 180 degrees", "source": "control"}}
         oracle.save()
         flipped.save()
-        est_q, ora_q = np.array(agreement).T
-        info = {
-            "estimator": q.estimator,
-            "pairs": len(oracle.pairs()),
-            "estimator_vs_oracle_pearson": float(np.corrcoef(est_q, ora_q)[0, 1]) if est_q.std() > 0 else 0.0,
-            "oracle_bad_patch_fraction": float((ora_q < 0.5).mean()),
-            "estimator_auroc_on_oracle_bad_patches": _auroc(-est_q, ora_q < 0.5),
-        }
+        info = {"estimator": q.estimator, **self.map_agreement()}
         logger.info("estimator vs oracle maps: %s", _fmt(info))
         return info
+
+    def map_agreement(self) -> dict[str, Any]:
+        """Estimator maps against oracle maps on every pair, overall and on the subject's patches
+        (:func:`patchdpo_fast.minibench.oracle.map_agreement`)."""
+        from patchdpo_fast.data.files import read_quality_array
+        from patchdpo_fast.data.manifest import Manifest
+        from patchdpo_fast.minibench.oracle import map_agreement
+
+        pairs = self.path("pairs")
+        est_manifest = Manifest.load(pairs / "manifest.estimator.jsonl", check="none")
+        estimated = {(p.record_id, p.k): p for p in est_manifest.pairs()}
+        rows = []
+        for pair in Manifest.load(pairs / "manifest.oracle.jsonl", check="none").pairs():
+            est = estimated[(pair.record_id, pair.k)]
+            rows.append((pair.subject, pair.prompt, read_quality_array(est.q_gen), read_quality_array(pair.q_gen)))
+        return map_agreement(self.world, rows, self.settings.quality.map_size)
 
     def _train_estimator(self) -> Path:
         """``patchdpo quality-train`` (self-supervised, time-boxed) on clean renders of the training subjects."""
@@ -569,22 +572,6 @@ class Minibench:
 # --- helpers
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def _auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve of ``score`` for the boolean ``positive`` labels (None if one class is empty)."""
-    pos, neg = score[positive], score[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order), dtype=np.float64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    # ties: average ranks
-    allv = np.concatenate([pos, neg])
-    _, inverse, counts = np.unique(allv, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from patchdpo_fast.minibench.metrics import subject_l1, summarize
-from patchdpo_fast.minibench.oracle import oracle_maps
-from patchdpo_fast.minibench.runner import _auroc
+from patchdpo_fast.minibench.oracle import auroc as _auroc
+from patchdpo_fast.minibench.oracle import map_agreement, oracle_maps
 from patchdpo_fast.minibench.world import MiniWorld
 
 PROMPT = "a large object in the snow, in the center"
@@ -72,3 +72,29 @@ def test_auroc_matches_pairwise_counting():
     brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert _auroc(score, label) == pytest.approx(brute)
     assert _auroc(score, np.zeros(200, bool)) is None
+
+
+def test_map_agreement_tells_background_blindness_from_subject_blindness():
+    world = MiniWorld(8, 2, 32, seed=0)
+    subject, prompt = world.train_subjects[0], world.scenes[0].prompt
+    render = world.render(subject, world.scenes[0])
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(render.alpha)[None, None], 8)[0, 0].numpy()
+    rng = np.random.default_rng(0)
+    rows_perfect, rows_background_bad = [], []
+    for _ in range(6):
+        oracle = np.ones((8, 8), np.float32)
+        on_subject = np.argwhere(cover > 0.5)
+        broken = on_subject[rng.choice(len(on_subject), size=max(1, len(on_subject) // 3), replace=False)]
+        oracle[tuple(broken.T)] = 0.1
+        rows_perfect.append((subject.name, prompt, oracle.copy(), oracle))
+        blind = np.where(cover < 0.05, 0.0, 0.9).astype(np.float32)  # calls the background bad, sees no defect
+        rows_background_bad.append((subject.name, prompt, blind, oracle))
+    good = map_agreement(world, rows_perfect, 8)
+    bad = map_agreement(world, rows_background_bad, 8)
+    assert good["estimator_auroc_on_oracle_bad_patches"] == pytest.approx(1.0)
+    assert good["subject_estimator_auroc_on_oracle_bad_patches"] == pytest.approx(1.0)
+    assert good["background_oracle_bad_fraction"] == 0.0
+    assert bad["subject_estimator_auroc_on_oracle_bad_patches"] == pytest.approx(0.5)
+    assert bad["estimator_auroc_on_oracle_bad_patches"] < 0.5
+    assert bad["background_estimator_mean_quality"] == 0.0
+    assert bad["subject_estimator_mean_quality"] == pytest.approx(0.9)
