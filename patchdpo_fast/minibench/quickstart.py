@@ -9,7 +9,9 @@ pairs and writes sample grids of held-out subjects before and after. The kit is 
 * ``model/base`` (UNet in fp16, the frozen text encoders, tokenizers, scheduler, pixel-space autoencoder),
   ``model/image_encoder`` and ``model/ip_adapter.safetensors`` (fp16): the run's pre-trained IP-Adapter-Plus;
 * ``pairs/``: the pairs of the first ``--subjects`` training subjects (first generated image of each prompt) with
-  their quality maps from the estimator, as a manifest;
+  their quality maps, as a manifest: the oracle's (``--maps oracle``, the default: the maps a perfect estimator
+  would give; the benchmark shows the estimators' maps carry little information in this world) or the
+  estimator's (``--maps estimator``);
 * ``heldout_references/``: the references of held-out subjects, for the sample grids.
 """
 
@@ -37,12 +39,17 @@ def _fp16_copy(src: Path, dst: Path) -> None:
         save_file(tensors, str(dst / file.name), metadata={"format": "pt"})
 
 
-def write_quickstart(run: str | Path, out: str | Path, subjects: int = 16, heldout: int = 8) -> dict[str, Any]:
-    """Write the kit from a finished minibench run folder ``run`` into ``out`` (replaced)."""
+def write_quickstart(
+    run: str | Path, out: str | Path, subjects: int = 16, heldout: int = 8, maps: str = "oracle"
+) -> dict[str, Any]:
+    """Write the kit from a finished minibench run folder ``run`` into ``out`` (replaced); ``maps`` is ``oracle`` or
+    ``estimator``."""
     from patchdpo_fast.data.manifest import Manifest
     from patchdpo_fast.models.ip_adapter import read_ip_adapter_file, write_ip_adapter_file
 
     run, out = Path(run), Path(out)
+    if maps not in ("oracle", "estimator"):
+        raise ValueError(f"maps must be 'oracle' or 'estimator', got {maps!r}")
     if not (run / "stages" / "quality.json").is_file():
         raise FileNotFoundError(f"{run} is not a minibench run whose quality stage has finished")
     if out.exists():
@@ -56,7 +63,7 @@ def write_quickstart(run: str | Path, out: str | Path, subjects: int = 16, heldo
     groups = read_ip_adapter_file(run / "pretrain" / "ip_adapter.safetensors")
     write_ip_adapter_file(model / "ip_adapter.safetensors", groups["image_proj"], groups["ip_adapter"], torch.float16)
 
-    source = Manifest.load(run / "pairs" / "manifest.estimator.jsonl", check="quick")
+    source = Manifest.load(run / "pairs" / f"manifest.{maps}.jsonl", check="quick")
     keep = sorted({r.subject for r in source})[:subjects]
     pairs = out / "pairs"
     records = []
@@ -78,7 +85,9 @@ def write_quickstart(run: str | Path, out: str | Path, subjects: int = 16, heldo
         rec.generated = [gen]
         records.append(rec)
     header = {k: v for k, v in source.header.items() if k not in ("format", "version")}
-    header["source"] = f"patchdpo minibench run {run.name}: first {subjects} training subjects, first image each"
+    header["source"] = (
+        f"patchdpo minibench run {run.name}: first {subjects} training subjects, first image each, {maps} maps"
+    )
     Manifest(pairs / "manifest.jsonl", records, header).save()
 
     settings = json.loads((run / "settings.json").read_text(encoding="utf-8"))
@@ -88,7 +97,7 @@ def write_quickstart(run: str | Path, out: str | Path, subjects: int = 16, heldo
         src = run / "world" / "references" / name / "reference.png"
         (out / "heldout_references" / name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / "heldout_references" / name / "reference.png")
-    info = {"run": str(run), "pairs": len(records), "subjects": keep, "heldout": names[:heldout]}
+    info = {"run": str(run), "maps": maps, "pairs": len(records), "subjects": keep, "heldout": names[:heldout]}
     (out / "quickstart.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -100,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the kit folder (replaced)")
     p.add_argument("--subjects", type=int, default=16, help="training subjects whose pairs are kept (default 16)")
     p.add_argument("--heldout", type=int, default=8, help="held-out references for the sample grids (default 8)")
+    p.add_argument(
+        "--maps", choices=("oracle", "estimator"), default="oracle", help="whose quality maps (default oracle)"
+    )
     args = p.parse_args(argv)
     try:
-        info = write_quickstart(args.run, args.out, args.subjects, args.heldout)
+        info = write_quickstart(args.run, args.out, args.subjects, args.heldout, args.maps)
     except (FileNotFoundError, ValueError) as exc:
         print(f"quickstart: {exc}", file=sys.stderr)
         return 2

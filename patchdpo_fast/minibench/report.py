@@ -205,8 +205,7 @@ def _sample_grid(bench: Any, names: list[tuple[str, str]], path: Path, seed: int
     titles = [("reference", "")] + [(label, "") for label, _ in columns]
     for c, (title, _) in enumerate(titles):
         x = left + pad + c * (cell + pad)
-        words = title.replace(", ", ",\n").split("\n")
-        for k, w in enumerate(words[:3]):
+        for k, w in enumerate(_wrap(draw, title, font, cell)[:3]):
             draw.text((x, 2 + k * label_h), w, fill="black", font=font)
     for r, subject in enumerate(rows):
         si = world.heldout_subjects.index(subject)
@@ -223,6 +222,17 @@ def _sample_grid(bench: Any, names: list[tuple[str, str]], path: Path, seed: int
     from patchdpo_fast.data.files import save_image_atomic
 
     return save_image_atomic(img, path)
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines no wider than ``width`` pixels (a longer word gets its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textbbox((0, 0), f"{lines[-1]} {word}", font=font)[2] <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def _bar_chart(agg: dict[str, Any], rows: list[tuple[str, str]], path: Path) -> Path:

@@ -26,6 +26,7 @@ into ``configs/`` of the run folder, so every stage can also be rerun by hand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -103,6 +104,10 @@ class Minibench:
     def _check_settings(self, recorded: dict[str, Any]) -> None:
         """Refuse settings that differ where a finished stage depends on them; accept (and log) the others."""
         current = json.loads(json.dumps(self.settings.to_dict()))
+        # a setting added since the run was recorded has its default there (the default keeps the old behaviour);
+        # an unreadable record is compared as it is, every difference named
+        with contextlib.suppress(TypeError, ValueError):
+            recorded = json.loads(json.dumps(MinibenchSettings.from_dict(recorded).to_dict()))
         problems, changes = [], []
         for line in _diff(recorded, current):
             key = line.split(":", 1)[0]
@@ -156,15 +161,18 @@ class Minibench:
         from patchdpo_fast.data.manifest import GeneratedImage, Manifest, ManifestRecord
 
         world, w = self.world, self.settings.world
+        pretrain_subjects, pair_subjects = self.subject_split()
         atomic_write_json(self.path("world", "world.json"), world.settings())
         for subject in world.subjects:
             image = world.render_reference(subject).image
             save_image_atomic(_to_uint8(image), self.path("world", "references", subject.name, "reference.png"))
-            if subject in world.train_subjects:
+            if subject in pair_subjects:
                 save_image_atomic(_to_uint8(image), self.path("world", "train_references", subject.name, "ref.png"))
         records = []
         pre = self.path("world", "pretrain")
         for si, subject in enumerate(world.train_subjects):
+            if subject not in pretrain_subjects:
+                continue
             for ci, scene in enumerate(world.scenes):
                 for d in range(w.pretrain_draws):
                     rel = f"images/{subject.name}/{ci:02d}_{d}.png"
@@ -186,8 +194,17 @@ class Minibench:
             "pretrain_records": len(records),
             "pair_prompts": [s.prompt for s in scenes],
             "train_subjects": len(world.train_subjects),
+            "pretrain_subjects": len(pretrain_subjects),
+            "pair_subjects": len(pair_subjects),
             "heldout_subjects": len(world.heldout_subjects),
         }
+
+    def subject_split(self) -> tuple[list[Any], list[Any]]:
+        """``(pretraining subjects, pair subjects)`` among the training subjects (``world.pair_only_subjects``)."""
+        train, n = self.world.train_subjects, self.settings.world.pair_only_subjects
+        if not 0 <= n < len(train):
+            raise ValueError(f"world.pair_only_subjects must be in [0, {len(train) - 1}], got {n}")
+        return (list(train), list(train)) if n == 0 else (list(train[:-n]), list(train[-n:]))
 
     # ------------------------------------------------------------------------------------------------ 2. judges
     def stage_judges(self) -> dict[str, Any]:
@@ -609,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     p.add_argument("--seeds", type=int, default=None, help="number of finetuning seeds (default: the preset's)")
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: the preset's)")
+    p.add_argument(
+        "--pair-only-subjects",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave the last N training subjects out of pretraining and build the pairs on them only (default 0)",
+    )
     p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: the preset's)")
     p.add_argument(
         "--curve",
@@ -646,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.size = args.size
     if args.pretrain_steps is not None:
         settings.pretrain.steps = args.pretrain_steps
+    if args.pair_only_subjects is not None:
+        settings.world.pair_only_subjects = args.pair_only_subjects
     if args.curve is not None:
         settings.pretrain.curve_every = settings.pretrain.checkpoint_every = args.curve
     try:

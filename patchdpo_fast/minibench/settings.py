@@ -59,6 +59,10 @@ class WorldSettings:
     resolution: int = 32
     seed: int = 0
     pretrain_draws: int = 2  #: ground-truth renders per (training subject, scene)
+    #: The last N training subjects are left out of pretraining and are the only subjects of the PatchDPO pairs, so
+    #: the finetuning data shows the model subjects it has not learnt from ground truth (0: pretraining and pairs
+    #: share all the training subjects). Held-out subjects stay held out either way.
+    pair_only_subjects: int = 0
 
 
 @dataclass

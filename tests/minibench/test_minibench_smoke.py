@@ -78,3 +78,24 @@ def test_quickstart_kit_from_a_run_trains_with_the_readme_config(tmp_path):
         "step_00000000.png",
         "step_00000002.png",
     ]
+
+
+@pytest.mark.slow
+def test_readme_first_command_trains_the_shipped_kit(tmp_path):
+    """configs/mini_world.yaml as shipped (the kit's model, pairs and maps in the package), for 2 steps."""
+    from pathlib import Path
+
+    from patchdpo_fast.config import load_config
+    from patchdpo_fast.train import train
+
+    repo = Path(__file__).resolve().parents[2]
+    kit = repo / "patchdpo_fast" / "minibench" / "assets" / "quickstart"
+    info = json.loads((kit / "quickstart.json").read_text())
+    assert info["pairs"] >= 16 and len(info["heldout"]) >= 2
+    cfg = load_config(repo / "configs" / "mini_world.yaml", [f"train.output_dir={tmp_path / 'run'}",
+                                                                f"cache.dir={tmp_path / 'cache'}", "train.max_steps=2",
+                                                                "samples.steps=2"])  # fmt: skip
+    result = train(cfg)
+    assert result.final_step == 2
+    assert (tmp_path / "run" / "ip_adapter.safetensors").is_file()
+    assert len(list((tmp_path / "run" / "samples").glob("step_*.png"))) == 2
