@@ -129,6 +129,7 @@ def test_sample_grids_before_and_after_training(tmp_path):
     with Image.open(grids[0]) as img:
         cell = 96 + 2  # 64 px images are shown at least 96 px wide, 2 px apart
         assert img.size == (3 * cell + 2, 2 * cell + 2)  # 2 references x (reference + 2 prompts)
-        assert img.getpixel((2 + 10, 2 + 10))[0] > 150  # first row starts with the red reference
+        first, second = img.getpixel((2 + 10, 2 + 10)), img.getpixel((2 + 10, cell + 2 + 10))
+        assert first[2] > 150 > first[0] and second[0] > 150 > second[2]  # rows by subject name: blue, then red
     with pytest.raises(ConfigError, match=r"samples\.prompts"):
         unet_cfg(tmp_path, f"samples.references={refs}")
