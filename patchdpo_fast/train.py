@@ -17,6 +17,7 @@ file that stock diffusers loads with ``pipeline.load_ip_adapter``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -45,11 +46,15 @@ from patchdpo_fast.errors import UserError
 from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights
 from patchdpo_fast.training.checkpoint import (
     CheckpointDir,
+    CheckpointError,
     checkpoint_run_id,
     find_checkpoint,
     list_checkpoints,
     new_run_id,
     prune_checkpoints,
+    quarantine_checkpoint,
+    trainer_state_problems,
+    verify_checkpoint,
 )
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
 from patchdpo_fast.training.metrics import MetricsLogger
@@ -291,7 +296,7 @@ class _Run:
             apply_optimizer_settings(optimizer, scheduler, cfg, keys)
 
 
-def _saved_config(ckpt: Path) -> dict[str, Any] | None:
+def _saved_config(ckpt: Path, strict: bool = True) -> dict[str, Any] | None:
     import yaml
 
     file = ckpt / "config.yaml"
@@ -300,7 +305,9 @@ def _saved_config(ckpt: Path) -> dict[str, Any] | None:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{file}: cannot read the checkpoint's config ({exc})") from None
+        if not strict:
+            return None
+        raise CheckpointError(f"{file}: cannot read the checkpoint's config ({exc})") from None
     return data if isinstance(data, dict) else None
 
 
@@ -322,13 +329,68 @@ def _remove_previous_run(out_dir: Path, root: Path, existing: list[tuple[int, Pa
     logger.warning("--overwrite: removed the previous run from %s: %s", out_dir, ", ".join(removed))
 
 
+def _checkpoint_problems(ckpt: Path, env: DistEnv) -> list[str]:
+    """This rank's share of the checks of a checkpoint: file checksums, then (rank 0) the trainer counters."""
+    problems = verify_checkpoint(ckpt, rank=env.rank if env.distributed else None)
+    if not problems and env.is_main:
+        saved = _saved_config(ckpt, strict=False) or {}
+        data, loop = saved.get("data") or {}, saved.get("train") or {}
+        per_step = None
+        if isinstance(data.get("pairs_per_batch"), int) and isinstance(loop.get("gradient_accumulation_steps"), int):
+            per_step = data["pairs_per_batch"] * loop["gradient_accumulation_steps"]
+        problems = trainer_state_problems(ckpt, per_step)
+    return problems
+
+
+def _select_checkpoint(out_dir: Path, resume: str, env: DistEnv) -> Path | None:
+    """The checkpoint to resume: the one given (it must be intact) or, for ``latest``, the newest intact one.
+
+    A corrupt newest checkpoint (a file missing, truncated or altered, nonsense counters) is skipped with a warning
+    naming the file and moved aside (``step_N.corrupt``), so the run continues from the previous intact one.
+    """
+    if resume != "latest":
+        ckpt = find_checkpoint(out_dir, resume)
+        problems = _checkpoint_problems(ckpt, env)
+        if env.any(bool(problems)):
+            raise CheckpointError(f"cannot resume {ckpt}: " + "; ".join(problems or ["a file failed its check"]))
+        return ckpt
+    candidates = [path for _, path in reversed(list_checkpoints(out_dir / "checkpoints"))]
+    for ckpt in candidates:
+        problems = _checkpoint_problems(ckpt, env)
+        if not env.any(bool(problems)):
+            return ckpt
+        env.barrier()  # every rank has checked before rank 0 moves the checkpoint away
+        if env.is_main:
+            aside = quarantine_checkpoint(ckpt)
+            logger.warning("skipping corrupt checkpoint %s (moved to %s): %s", ckpt, aside.name,
+                           "; ".join(problems or ["a file failed its check on another rank"]))  # fmt: skip
+        env.barrier()
+    if candidates:
+        raise CheckpointError(
+            f"no intact checkpoint in {out_dir / 'checkpoints'}: all {len(candidates)} failed their checks (see the "
+            "warnings above; they were moved aside as step_N.corrupt)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _reading_checkpoint(path: Path) -> Iterator[None]:
+    """Turn a failure to load a (verified) checkpoint into a :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
 def _claim_output_dir(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool) -> _Run:
     """Find the checkpoint to resume (checking its settings) or make sure a fresh run owns its output folder."""
     out_dir = Path(cfg.train.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"train.output_dir {out_dir} is a file; expected a folder (created when missing)")
     root = out_dir / "checkpoints"
-    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    ckpt = _select_checkpoint(out_dir, resume, env) if resume else None
     if ckpt is not None:
         saved = _saved_config(ckpt)
         changed = check_resume_config(saved, config_to_dict(cfg), str(ckpt)) if saved is not None else []
@@ -523,7 +585,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
     models = _build_models(cfg, env)
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
-        _load_adapter_weights(ckpt_path, models)
+        with _reading_checkpoint(ckpt_path):
+            _load_adapter_weights(ckpt_path, models)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
     engine = _build_engine(cfg, models, env)
@@ -534,9 +597,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
                                drop_last=d_cfg.drop_last)  # fmt: skip
     step, nan_skips, consumed = 0, 0, 0
     if ckpt_path is not None:
-        trainer = _load_checkpoint(ckpt_path, env, engine)
+        with _reading_checkpoint(ckpt_path):
+            trainer = _load_checkpoint(ckpt_path, env, engine)
         if trainer["world_size"] != env.world_size and cfg.deepspeed.enabled:
-            raise ValueError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks")
+            raise CheckpointError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks; resuming "
+                                  f"DeepSpeed ZeRO state needs the same number, got {env.world_size}")  # fmt: skip
         step, nan_skips, consumed = int(trainer["step"]), int(trainer["nan_skips"]), int(trainer["consumed_per_rank"])
         sampler.load_state_dict(sampler.state_dict(consumed=consumed))
         run.resumed(trainer, engine, cfg)
