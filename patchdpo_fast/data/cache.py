@@ -30,6 +30,7 @@ rebuilt by :func:`build_input_cache` and reported by :class:`CachedPairDataset`.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -181,6 +182,47 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _BuildLock:
+    """An exclusive ``flock`` on ``<cache_dir>/.build.lock``: one builder at a time per cache folder.
+
+    Parallel jobs sharing a ``cache.dir`` then take turns: the first builds, the others wait and find (and verify)
+    the finished cache. Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / ".build.lock"
+        self._handle: Any = None
+
+    def __enter__(self) -> _BuildLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self._handle = self.path.open("a+")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process building the input cache in %s", self.path.parent)
+            fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.close()  # releases the lock
+            self._handle = None
+
+
+def _one_builder_at_a_time(build: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    @functools.wraps(build)
+    def locked(dataset: Dataset, cache_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with _BuildLock(Path(cache_dir)):
+            return build(dataset, cache_dir, *args, **kwargs)
+
+    return locked
+
+
+@_one_builder_at_a_time
 def build_input_cache(
     dataset: Dataset,
     cache_dir: str | os.PathLike[str],
@@ -214,6 +256,9 @@ def build_input_cache(
             :class:`CacheError`, ``"rebuild"`` deletes it and starts over.
         verify: check the SHA-256 of already finished shards before trusting them (size is always checked).
         progress: show a tqdm progress bar.
+
+    Concurrent builders of one ``cache_dir`` (parallel jobs sharing a cache) take turns through a file lock, and
+    identical builds write byte-identical shards.
 
     Returns:
         The cache index (as written to ``index.json``).
@@ -399,7 +444,9 @@ def _write_shard(
             joined = torch.cat(parts)
             tensors[key] = joined.contiguous() if key in ("q_ref", "q_gen") else _cast(joined, storage)
     tensors["index"] = torch.tensor(indices, dtype=torch.int64)
-    metadata = {"start": str(start), "stop": str(stop), "prompts": json.dumps(prompts)}
+    # one metadata key: safetensors writes several in a per-process random order, and identical builds must give
+    # byte-identical shards (the item range is in index.json and the "index" tensor)
+    metadata = {"prompts": json.dumps(prompts)}
     data = safetensors_save(tensors, metadata=metadata)
     name = f"shard_{shard:05d}.safetensors"
     _atomic_write(cache_dir / name, data)
