@@ -1,4 +1,4 @@
-"""Resume verifies what it resumes: a corrupt newest checkpoint falls back to the newest intact one (issue 9, item 6)."""
+"""Resume verifies what it resumes: a corrupt newest checkpoint falls back to the newest intact one (issue 9, 6)."""
 
 from __future__ import annotations
 
