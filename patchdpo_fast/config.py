@@ -18,7 +18,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -86,7 +85,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # allow_inf_nan=False: every float setting must be finite (``.inf`` / ``.nan`` are refused, naming the key)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +231,9 @@ class LossConfig(_Section):
     """
 
     type: Literal["patch_weighted_mse", "patch_dpo", "diffusion_dpo", "mse"] = "patch_weighted_mse"
-    beta: Annotated[float, Field(gt=0.0)] = Field(5000.0, description="DPO temperature (absorbs T); DPO losses only.")
+    beta: Annotated[float, Field(gt=0.0, le=1e8)] = Field(  # le: patchdpo_fast.ops.validation.MAX_BETA
+        5000.0, description="DPO temperature (absorbs T); DPO losses only."
+    )
     weight_mode: Literal["auto", "quality", "gen_only", "uniform"] = "auto"
     backend: Literal["auto", "triton", "torch"] = "auto"
 
@@ -568,16 +570,9 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike[str] | None = None) ->
     """
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from patchdpo_fast.utils import atomic_write_text
+
+        atomic_write_text(path, text)  # fsynced, renamed into place, the usual file permissions
     return text
 
 

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from patchdpo_fast.config import (
-    ConfigError,
     TrainConfig,
     config_to_dict,
     dump_config,
@@ -61,6 +60,7 @@ from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
 from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
 from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
+from patchdpo_fast.utils import set_default_permissions
 
 __all__ = ["TrainResult", "main", "train"]
 
@@ -384,6 +384,22 @@ def _reading_checkpoint(path: Path) -> Iterator[None]:
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
 
 
+def _check_before_loading(cfg: TrainConfig, env: DistEnv) -> None:
+    """Settings that can only be checked on this machine, checked before any model loads."""
+    from patchdpo_fast.ops.dispatch import BACKENDS
+
+    if cfg.loss.backend == "triton":
+        reason = BACKENDS["triton"].unsupported_reason(env.device, {torch.float32})
+        if reason is not None:
+            raise UserError(f"loss.backend=triton cannot run here: {reason}; use loss.backend=auto or torch")
+    if cfg.model.ip_adapter_path is not None:
+        from patchdpo_fast.models.checks import check_ip_adapter_file
+
+        check_ip_adapter_file(cfg.model.ip_adapter_path, "model.ip_adapter_path")
+    if cfg.cache.enabled and Path(cfg.cache.dir).exists() and not Path(cfg.cache.dir).is_dir():
+        raise UserError(f"cache.dir {cfg.cache.dir} is a file; expected a folder (created when missing)")
+
+
 def _claim_output_dir(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool) -> _Run:
     """Find the checkpoint to resume (checking its settings) or make sure a fresh run owns its output folder."""
     out_dir = Path(cfg.train.output_dir)
@@ -468,6 +484,7 @@ def _save_checkpoint(
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(ckpt.tmp / "adapter.safetensors"))
+        set_default_permissions(ckpt.tmp / "adapter.safetensors")  # safetensors writes 0600
         save_state(
             {
                 "engine": global_state,
@@ -577,6 +594,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     torch.manual_seed(t_cfg.seed + env.rank)
     np.random.seed((t_cfg.seed + env.rank) % 2**32)
     random.seed(t_cfg.seed + env.rank)
+    _check_before_loading(cfg, env)
     run = _claim_output_dir(cfg, env, resume, overwrite)
     ckpt_path = run.checkpoint
     if env.is_main:
@@ -726,7 +744,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``patchdpo train`` / ``python -m patchdpo_fast.train`` / ``deepspeed patchdpo_fast/train.py``."""
+    """``patchdpo train`` / ``python -m patchdpo_fast.train`` / ``deepspeed patchdpo_fast/train.py``.
+
+    User errors (config, data, paths, a refused resume) propagate; :func:`patchdpo_fast.cli.run_command` prints
+    them as one line with exit status 2.
+    """
     parser = argparse.ArgumentParser(prog="patchdpo train", description="PatchDPO training of IP-Adapter-Plus.")
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML config (default: the tiny CPU demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -738,16 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"patchdpo train: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"patchdpo train: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)  # a ConfigError names the key (reported by cli.run_command)
+    result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),
                           "final_step": result.final_step, "nan_skips": result.nan_skips,
@@ -756,4 +770,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("train", main))

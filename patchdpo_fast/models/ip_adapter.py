@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchdpo_fast.utils import set_default_permissions
+
 from .attention import AttnProcessor, IPAttnProcessor, resolve_backend
 from .resampler import Resampler, resampler_config_from_state_dict
 
@@ -101,6 +103,7 @@ def write_ip_adapter_file(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        set_default_permissions(tmp)  # safetensors writes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from patchdpo_fast.config import load_config
-from patchdpo_fast.train import main, train
+from patchdpo_fast.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -107,8 +107,10 @@ def test_nonsense_state_is_refused(straight, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="consumed_per_rank 3 does not match step 4"):
         train(tiny_cfg(tmp_path), resume=str(ckpt))
     # the command line: one line naming the checkpoint and the file, exit status 2
+    from patchdpo_fast.cli import main as cli
+
     sets = [f"train.output_dir={out}", f"cache.dir={tmp_path / 'cache'}", "data.procedural.num_pairs=4"]
-    assert main(["--config", str(TINY), *(a for s in sets for a in ("--set", s)), "--resume", str(ckpt)]) == 2
+    assert cli(["train", "--config", str(TINY), *(a for s in sets for a in ("--set", s)), "--resume", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"patchdpo train: cannot resume {ckpt}") and "trainer.json" in err
     assert "Traceback" not in err

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import patchdpo_fast.train as train_mod
 from patchdpo_fast.config import load_config
-from patchdpo_fast.train import main, train
+from patchdpo_fast.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -207,6 +207,11 @@ def test_exported_adapter_loads_into_stock_diffusers(tmp_path):
 
 
 def test_cli_config_error_names_the_key(tmp_path, capsys):
+    from patchdpo_fast.cli import run_command
+
+    def main(argv):
+        return run_command("train", train_mod.main, argv)
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("max_steps: 40", "max_step: 40"))
     assert main(["--config", str(bad)]) == 2
