@@ -39,6 +39,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, 
 
 _DEBUG_FLAG = "--debug"
 _MAX_ITEMS = 5  # items of a listed error shown in its one line
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 _DEBUG_ENV = "PATCHDPO_DEBUG"
 
 
@@ -68,6 +69,9 @@ def describe_user_error(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, KeyError) and len(exc.args) == 1:  # KeyError quotes its message
         text = str(exc.args[0])
+    if _WORKER_TRACEBACK in text:  # re-raised from a DataLoader worker: keep the original message only
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ": ") else last
     lines = [line.strip().removeprefix("- ").strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1:  # a listed error (several config keys, bad manifest records): one line, the first items
         items = lines[1:]

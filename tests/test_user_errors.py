@@ -228,3 +228,17 @@ def test_module_entry_points_use_the_same_handling(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"patchdpo train: invalid config: config file not found: {missing}"
+
+
+def test_error_from_a_dataloader_worker_keeps_only_its_message(tmp_path, capsys):
+    from patchdpo_fast.data import write_procedural_manifest
+
+    manifest = write_procedural_manifest(tmp_path / "pairs", num_pairs=4, resolution=64, seed=0)
+    for i in (1, 3):
+        png = tmp_path / "pairs" / "references" / f"{i:05d}.png"
+        png.write_bytes(png.read_bytes()[:200])  # truncated: passes the manifest's quick check, fails to load
+    sets = ("data.source=manifest", f"data.manifest_path={manifest}", "data.on_bad_record=skip",
+            "data.max_bad_records=1", "data.num_workers=2", "cache.enabled=false")  # fmt: skip
+    assert cli(train_args(tmp_path, *sets)) == 2
+    err = one_line_error(capsys, "train")
+    assert "more than data.max_bad_records=1 bad pairs (2 met" in err and "Original Traceback" not in err
