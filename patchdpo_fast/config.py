@@ -285,6 +285,10 @@ class TrainLoopConfig(_Section):
     resume_from: str | None = Field(
         None, description="'latest' (newest checkpoint in output_dir, if any) or a checkpoint path; null starts fresh."
     )
+    export_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16",
+        description="Dtype of the exported ip_adapter.safetensors (fp16 like the official files; fp32 on request).",
+    )
     nan_policy: Literal["skip", "error"] = Field("skip", description="On a non-finite loss: skip the step or fail.")
     max_nan_skips: NonNegativeInt = Field(10, description="With nan_policy=skip, fail after this many skipped steps.")
 
@@ -350,7 +354,17 @@ class TrainConfig(_Section):
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` / ``3E5`` as floats (PyYAML's YAML 1.1 rules need a dot)."""
+    """SafeLoader with YAML 1.2 scalars: ``1e-4`` / ``3E5`` are floats (YAML 1.1 needs a dot) and only
+    ``true`` / ``false`` are booleans, so documented values such as ``mixed_precision: no`` stay strings
+    (YAML 1.1 would read ``no``, ``yes``, ``on``, ``off``, ``y``, ``n`` as booleans)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 _YamlLoader.add_implicit_resolver(

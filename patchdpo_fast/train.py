@@ -60,13 +60,14 @@ from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
 from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
 from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
-from patchdpo_fast.utils import set_default_permissions
+from patchdpo_fast.utils import write_safetensors
 
 __all__ = ["TrainResult", "main", "train"]
 
 logger = logging.getLogger("patchdpo_fast.train")
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -481,10 +482,7 @@ def _save_checkpoint(
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
         ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
     if env.is_main:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(ckpt.tmp / "adapter.safetensors"))
-        set_default_permissions(ckpt.tmp / "adapter.safetensors")  # safetensors writes 0600
+        write_safetensors(adapter, ckpt.tmp / "adapter.safetensors")  # straight from the weights, no copy
         save_state(
             {
                 "engine": global_state,
@@ -727,7 +725,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     adapter_path = None
     with engine.gathered():
         if env.is_main:
-            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors")
+            export_dtype = _EXPORT_DTYPES[cfg.train.export_dtype]
+            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors", dtype=export_dtype)
             atomic_write_json(
                 out_dir / "summary.json",
                 {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),
@@ -757,10 +756,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume from the newest checkpoint in train.output_dir or from a given path")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an output_dir holding another run (deletes its checkpoints)")  # fmt: skip
+    parser.add_argument("--export-dtype", choices=sorted(_EXPORT_DTYPES), default=None,
+                        help="dtype of the exported ip_adapter.safetensors (same as --set train.export_dtype=...; "
+                             "default fp16 like the official files, fp32 keeps the exact master weights)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)  # a ConfigError names the key (reported by cli.run_command)
+    overrides = list(args.overrides)
+    if args.export_dtype is not None:
+        overrides.append(f"train.export_dtype={args.export_dtype}")
+    cfg = load_config(args.config, overrides)  # a ConfigError names the key (reported by cli.run_command)
     result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),

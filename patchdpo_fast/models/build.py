@@ -224,8 +224,9 @@ class PatchDPOModels:
         """Switch the UNet's attention backend (``sdpa``/``xformers``/``eager``); returns the backend in use."""
         return self.ip_unet.set_attention_backend(backend, xformers_fallback)
 
-    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write the policy adapter as a stock-diffusers-loadable IP-Adapter-Plus safetensors file."""
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> Path:
+        """Write the policy adapter as a stock-diffusers-loadable IP-Adapter-Plus safetensors file (fp16 by default;
+        see :meth:`IPAdapterUNet.export_ip_adapter`)."""
         return self.ip_unet.export_ip_adapter(path, dtype=dtype)
 
     def load_ip_adapter_weights(self, path: str | os.PathLike, update_reference: bool = True) -> None:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from patchdpo_fast.utils import set_default_permissions
+from patchdpo_fast.utils import write_safetensors
 
 from .attention import AttnProcessor, IPAttnProcessor, resolve_backend
 from .resampler import Resampler, resampler_config_from_state_dict
@@ -85,31 +84,24 @@ def write_ip_adapter_file(
     path: str | os.PathLike,
     image_proj: Mapping[str, torch.Tensor],
     ip_adapter: Mapping[str, torch.Tensor],
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = torch.float16,
 ) -> Path:
-    """Write ``image_proj.*`` and ``ip_adapter.*`` tensors atomically to one safetensors file."""
-    from safetensors.torch import save_file
+    """Write ``image_proj.*`` and ``ip_adapter.*`` tensors atomically to one safetensors file.
 
+    Args:
+        path: target ``.safetensors`` file.
+        image_proj, ip_adapter: the two groups of tensors (any device).
+        dtype: cast the floating-point tensors on the way out: ``torch.float16`` (default, like the official
+            IP-Adapter files: half the size of fp32), ``torch.bfloat16``, ``torch.float32``, or ``None`` to keep
+            each tensor's dtype. Tensors are written one at a time, so the export holds at most one converted
+            tensor, never a copy of the whole adapter.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"export path must end in .safetensors, got {path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, group in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
-        for key, value in group.items():
-            t = value.detach().to("cpu", dtype=dtype or value.dtype).contiguous().clone()
-            tensors[f"{prefix}.{key}"] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        set_default_permissions(tmp)  # safetensors writes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    tensors = {f"{prefix}.{key}": value for prefix, group in (("image_proj", image_proj), ("ip_adapter", ip_adapter))
+               for key, value in group.items()}  # fmt: skip
+    return write_safetensors(tensors, path, metadata={"format": "pt"}, dtype=dtype)
 
 
 class IPAdapterUNet(nn.Module):
@@ -319,12 +311,14 @@ class IPAdapterUNet(nn.Module):
             ip_adapter[f"{k}.to_v_ip.weight"] = proc.to_v_ip.weight.detach()
         return image_proj, ip_adapter
 
-    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> Path:
         """Write the policy adapter as one safetensors file loadable by stock diffusers' ``load_ip_adapter``.
 
         Args:
             path: target ``.safetensors`` file (written atomically: temp file + ``os.replace``).
-            dtype: cast the tensors (e.g. ``torch.float16`` like the official files); ``None`` keeps them.
+            dtype: dtype of the file: ``torch.float16`` (default, like the official files), ``torch.bfloat16``,
+                ``torch.float32`` for the exact fp32 master weights, or ``None`` to keep each tensor's dtype.
+                The tensors are converted one at a time (no copy of the whole adapter).
         """
         image_proj, ip_adapter = self.ip_adapter_state_dicts()
         return write_ip_adapter_file(path, image_proj, ip_adapter, dtype=dtype)
