@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -195,19 +196,20 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
         )
     env.barrier()
     cached = CachedPairDataset(cfg.cache.dir)
-    _release_encoders(models, env)
+    _release_encoders(models, env)  # the cache serves every input: latents, text and image conditioning, maps
     return cached, cached
 
 
 def _release_encoders(models: Any, env: DistEnv) -> None:
-    """With the input cache built, the VAE and the text/image encoders are not needed on the accelerator."""
-    if env.device.type == "cpu":
-        return
-    for name in ("vae", "text_encoder", "text_encoder_2", "image_encoder"):
-        module = getattr(models, name, None)
-        if module is not None:
-            module.to("cpu")
-    torch.cuda.empty_cache()
+    """With the input cache built, nothing calls the VAE or the text/image encoders again: drop them.
+
+    On every device, the CPU included: for an fp32 SDXL-size run the encoders' ~6.5 GB are what keeps a step from
+    fitting next to the UNet.
+    """
+    models.release_encoders()
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,8 +235,41 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
         ip_scale=m.ip_scale,
         num_ip_tokens=m.num_ip_tokens,
         gradient_checkpointing=m.gradient_checkpointing,
+        reference=cfg.loss.uses_reference_model,  # only the DPO losses read the reference adapter
     )
     return models
+
+
+def _reference_record(cfg: TrainConfig, models: Any) -> dict[str, Any] | None:
+    """What the DPO reference adapter is, for checkpoints: the initial adapter, where it came from and its SHA-256.
+
+    The reference never changes during a run, so checkpoints store this record instead of its weights; a resumed run
+    rebuilds the same initial adapter from its configuration and :func:`_check_reference` compares the hashes.
+    ``None`` when the loss needs no reference.
+    """
+    sha256 = models.ip_unet.reference_fingerprint()
+    if sha256 is None:
+        return None
+    m = cfg.model
+    origin: dict[str, Any] = {"ip_adapter_path": str(m.ip_adapter_path) if m.ip_adapter_path else None,
+                              "train_resampler": m.train_resampler, "num_ip_tokens": m.num_ip_tokens}  # fmt: skip
+    if m.tiny:
+        origin.update(tiny=True, tiny_seed=m.tiny_seed)
+    else:
+        origin.update(pretrained_path=str(m.pretrained_path))
+    return {"kind": "initial adapter", "sha256": sha256, "origin": origin}
+
+
+def _check_reference(path: Path, stored: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """Refuse to resume a DPO run against another reference adapter than the one its checkpoint was trained with."""
+    if stored is None or current is None or stored.get("sha256") == current["sha256"]:
+        return
+    raise UserError(
+        f"checkpoint {path} was trained against the reference adapter {stored['sha256'][:16]}... built from "
+        f"{stored.get('origin')}, but this configuration builds the reference {current['sha256'][:16]}... from "
+        f"{current['origin']}. The DPO reference is the run's initial adapter and is not stored in checkpoints: "
+        "resume with the model settings and the unchanged weight files that started the run"
+    )
 
 
 def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
@@ -468,8 +503,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(
-    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run
-) -> Path:
+    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run,
+    reference: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     root = Path(cfg.train.output_dir) / "checkpoints"
     ckpt = CheckpointDir(root, step, run.run_id)
     if env.is_main:
@@ -482,7 +518,9 @@ def _save_checkpoint(
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
         ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
     if env.is_main:
-        write_safetensors(adapter, ckpt.tmp / "adapter.safetensors")  # straight from the weights, no copy
+        # the policy only, straight from the weights (no copy); the reference adapter is recorded, not stored
+        meta = {"reference": json.dumps(reference)} if reference is not None else None
+        write_safetensors(adapter, ckpt.tmp / "adapter.safetensors", metadata=meta)
         save_state(
             {
                 "engine": global_state,
@@ -514,13 +552,23 @@ def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
     return trainer
 
 
-def _load_adapter_weights(path: Path, models: Any) -> None:
+def _load_adapter_weights(path: Path, models: Any, reference: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Load a checkpoint's policy adapter after checking its reference record; returns the run's reference record.
+
+    Checkpoints written before the reference was left out hold its weights: they are loaded into the reference.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = path / "adapter.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no adapter.safetensors")
-    models.load_adapter_state_dict(load_file(str(file)))
+    with safe_open(str(file), framework="pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("reference", "null"))
+    _check_reference(path, stored, reference)
+    if models.load_adapter_state_dict(load_file(str(file))):  # an older checkpoint that stored the reference
+        return None if reference is None else {**reference, "sha256": models.ip_unet.reference_fingerprint()}
+    return reference
 
 
 def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x: dict[str, torch.Tensor], rnd: Any,
@@ -600,9 +648,10 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         logger.info("output directory: %s (rank 0 of %d, device %s)", out_dir, env.world_size, env.device)
 
     models = _build_models(cfg, env)
+    reference = _reference_record(cfg, models)  # hashed before DeepSpeed casts or partitions anything
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
         with _reading_checkpoint(ckpt_path):
-            _load_adapter_weights(ckpt_path, models)
+            reference = _load_adapter_weights(ckpt_path, models, reference)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
     engine = _build_engine(cfg, models, env)
@@ -714,7 +763,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         if progress is not None:
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run)
+            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run, reference)
 
     if progress is not None:
         progress.close()

@@ -2,7 +2,8 @@
 
 Layout of ``<output_dir>/checkpoints/step_00000040/``::
 
-    adapter.safetensors        trainable adapter weights and the frozen reference copy
+    adapter.safetensors        the policy adapter; for the DPO losses its metadata records the reference adapter
+                               (the run's initial adapter: origin and SHA-256, not its weights)
     trainer.safetensors/.json  optimizer, LR scheduler, loss scaler, RNG and data-order state (see state_io)
     engine_rank{r}.*           per-rank engine state for DeepSpeed ZeRO (fp32 master partitions, base optimizer)
     config.yaml                the configuration of the run
