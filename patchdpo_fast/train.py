@@ -171,15 +171,14 @@ class _Inputs:
 def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any | None]:
     """The training dataset (cached features or raw pairs) and the cache handle (None without a cache)."""
     from patchdpo_fast.data import CachedPairDataset, build_input_cache, build_pair_dataset
+    from patchdpo_fast.data.cache_settings import input_cache_settings
 
     raw = build_pair_dataset(cfg.data, needs_quality=cfg.loss.effective_weight_mode != "uniform")
     if not cfg.cache.enabled:
         return raw, None
-    settings = {
-        "model": cfg.model.model_dump(mode="json"),
-        "resolution": cfg.data.resolution,
-        "patch_size": cfg.data.patch_size,
-    }
+    # exactly what the cached tensors depend on: encoder weights and dtypes, resolution, preprocessing (the data,
+    # the quality-map grid and the storage layout come from the dataset and the cache options)
+    settings = input_cache_settings(cfg)
     if env.is_main:  # one process encodes; the others wait for the finished cache
         build_input_cache(
             raw,
