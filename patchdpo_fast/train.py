@@ -202,7 +202,7 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
 def _release_encoders(models: Any, env: DistEnv) -> None:
     """With the input cache built, nothing calls the VAE or the text/image encoders again: drop them.
 
-    On every device, the CPU included: for an fp32 SDXL-size run the encoders' ~6.5 GB are what keeps a step from
+    On every device, the CPU included: for an fp32 SDXL-size run the encoders' ~6 GB are what keeps a step from
     fitting next to the UNet.
     """
     models.release_encoders()
