@@ -18,7 +18,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -87,7 +86,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # allow_inf_nan=False: every float setting must be finite (``.inf`` / ``.nan`` are refused, naming the key)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +246,9 @@ class LossConfig(_Section):
     """
 
     type: Literal["patch_weighted_mse", "patch_dpo", "diffusion_dpo", "mse", "reconstruction"] = "patch_weighted_mse"
-    beta: Annotated[float, Field(gt=0.0)] = Field(5000.0, description="DPO temperature (absorbs T); DPO losses only.")
+    beta: Annotated[float, Field(gt=0.0, le=1e8)] = Field(  # le: patchdpo_fast.ops.validation.MAX_BETA
+        5000.0, description="DPO temperature (absorbs T); DPO losses only."
+    )
     weight_mode: Literal["auto", "quality", "gen_only", "uniform"] = "auto"
     backend: Literal["auto", "triton", "torch"] = "auto"
     pair_order: Literal["reference_wins", "generated_wins"] = Field(
@@ -300,6 +302,10 @@ class TrainLoopConfig(_Section):
     output_dir: Path = Path("runs/tiny_cpu")
     resume_from: str | None = Field(
         None, description="'latest' (newest checkpoint in output_dir, if any) or a checkpoint path; null starts fresh."
+    )
+    export_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16",
+        description="Dtype of the exported ip_adapter.safetensors (fp16 like the official files; fp32 on request).",
     )
     nan_policy: Literal["skip", "error"] = Field("skip", description="On a non-finite loss: skip the step or fail.")
     max_nan_skips: NonNegativeInt = Field(10, description="With nan_policy=skip, fail after this many skipped steps.")
@@ -401,7 +407,17 @@ class TrainConfig(_Section):
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` / ``3E5`` as floats (PyYAML's YAML 1.1 rules need a dot)."""
+    """SafeLoader with YAML 1.2 scalars: ``1e-4`` / ``3E5`` are floats (YAML 1.1 needs a dot) and only
+    ``true`` / ``false`` are booleans, so documented values such as ``mixed_precision: no`` stay strings
+    (YAML 1.1 would read ``no``, ``yes``, ``on``, ``off``, ``y``, ``n`` as booleans)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 _YamlLoader.add_implicit_resolver(
@@ -622,16 +638,9 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike[str] | None = None) ->
     """
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from patchdpo_fast.utils import atomic_write_text
+
+        atomic_write_text(path, text)  # fsynced, renamed into place, the usual file permissions
     return text
 
 

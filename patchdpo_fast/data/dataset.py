@@ -31,11 +31,13 @@ from torch.utils.data import Dataset, Sampler
 from patchdpo_fast.data.files import load_image, load_quality_map, probe_quality_map
 from patchdpo_fast.data.manifest import Manifest, ManifestPair, is_manifest_file
 from patchdpo_fast.data.procedural import ProceduralPairs
+from patchdpo_fast.errors import UserError
 
 if TYPE_CHECKING:
     from patchdpo_fast.config import DataConfig
 
 __all__ = [
+    "BadRecordsError",
     "ManifestPairDataset",
     "OnDiskPairDataset",
     "PairRecord",
@@ -147,6 +149,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[PairRecord]:
     return records
 
 
+class BadRecordsError(UserError, RuntimeError):
+    """More bad records than ``data.max_bad_records`` (or every record bad) with ``on_bad_record='skip'``."""
+
+
 class _BadRecordLog:
     """The distinct bad records met so far, shared by the DataLoader worker processes reading one dataset.
 
@@ -237,11 +243,11 @@ class _SkippingPairDataset(Dataset):
                 count = self._bad.add(current)
                 logger.warning("skipping bad %s: %s", self.describe(current), exc)
                 if count > self.max_bad_records:
-                    raise RuntimeError(
+                    raise BadRecordsError(
                         f"more than data.max_bad_records={self.max_bad_records} bad pairs ({count} met, counted "
                         f"across DataLoader workers); last: {exc}"
                     ) from exc
-        raise RuntimeError("every pair is bad")
+        raise BadRecordsError(f"every pair of the dataset is bad ({n} pairs); see the warnings above")
 
 
 class OnDiskPairDataset(_SkippingPairDataset):

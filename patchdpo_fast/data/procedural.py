@@ -483,15 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=8, help="pixels per quality-map cell (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     args = parser.parse_args(argv)
-    try:
-        path = write_procedural_manifest(
-            args.out, args.num_pairs, args.resolution, args.seed, args.patch_size, progress=True
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
+    path = write_procedural_manifest(
+        args.out, args.num_pairs, args.resolution, args.seed, args.patch_size, progress=True
+    )
     print(f"wrote {args.num_pairs} pairs: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("procedural-pairs", main))

@@ -253,6 +253,7 @@ class Minibench:
             "train": {
                 "max_steps": p.steps,
                 "seed": 0,
+                "export_dtype": "fp32",  # the base model of every finetune: kept as trained
                 "log_every": max(1, min(50, p.steps // 10)),
                 "checkpoint_every": p.checkpoint_every,
                 "keep_checkpoints": None if p.curve_every else 2,
@@ -476,6 +477,7 @@ class Minibench:
             "train": {
                 "max_steps": f.steps,
                 "seed": seed,
+                "export_dtype": "fp32",  # graded as trained
                 "log_every": max(1, min(10, f.steps)),
                 "checkpoint_every": max(1, f.steps // 2),
                 "keep_checkpoints": 1,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality.estimator import PatchQualityEstimator
 from patchdpo_fast.quality.images import (
     DREAMBENCH_EVAL_SUBJECTS,
@@ -40,6 +41,7 @@ from patchdpo_fast.quality.images import (
 )
 from patchdpo_fast.quality.metrics import auroc, average_precision
 from patchdpo_fast.quality.synthetic import ALL_KINDS, TRAIN_KINDS, Corruptions, make_pairs
+from patchdpo_fast.utils import resolve_device
 
 __all__ = ["evaluate_estimator", "load_estimator", "main"]
 
@@ -199,13 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = parse_subjects(args.kinds) or list(TRAIN_KINDS)
     bad = [k for k in kinds if k not in ALL_KINDS]
     if bad:
-        print(f"quality-eval: unknown --kinds {bad}; choose from {', '.join(ALL_KINDS)}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown --kinds {', '.join(bad)}; choose from {', '.join(ALL_KINDS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     subjects = _select_subjects(args)
     photos = load_photos(args.images, size=args.image_size, subjects=subjects)
-    est = load_estimator(args.estimator, device=args.device, seed=args.tiny_seed)
+    est = load_estimator(args.estimator, device=resolve_device(args.device), seed=args.tiny_seed)
     est.backend = args.backend
     if args.no_flip_invariant:
         est.flip_invariant = False
@@ -238,4 +239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("quality-eval", main))

@@ -11,6 +11,7 @@ from quality_helpers import synthetic_photos
 
 from patchdpo_fast.quality import PatchQualityEstimator
 from patchdpo_fast.quality.evaluate import main as eval_main
+from patchdpo_fast.quality.synthetic import ALL_KINDS
 from patchdpo_fast.quality.train_backbone import main as train_main
 
 
@@ -59,7 +60,7 @@ def test_quality_eval_reports_auroc_and_ap(photo_dir, tmp_path):
     assert set(res["per_kind"]) == {"paste", "blur", "recolor", "shuffle"}
 
 
-def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
+def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["alpha"], "eval": ["beta"]}))
@@ -70,4 +71,9 @@ def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
         eval_main([*base, "--subjects", "gamma"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         eval_main([*base, "--estimator", str(tmp_path / "missing")])
-    assert eval_main([*base, "--kinds", "smudge"]) == 2
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["quality-eval", *base, "--kinds", "smudge"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "patchdpo quality-eval: unknown --kinds smudge; choose from " + ", ".join(ALL_KINDS)
+    )
