@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from patchdpo_fast.ops import reference
-from patchdpo_fast.ops.autograd import FusedPatchLoss
+from patchdpo_fast.ops.autograd import FusedPatchLoss, one_pass_eligible
 from patchdpo_fast.ops.dispatch import resolve_backend
 from patchdpo_fast.ops.types import PatchLossOutput
 from patchdpo_fast.ops.validation import (
@@ -34,9 +34,11 @@ def _fused(
     beta: float,
     is_dpo: bool,
 ) -> PatchLossOutput:
+    # The MSE gradient needs no reduction first: when one is wanted, the forward kernel writes it in the same pass.
+    one_pass = one_pass_eligible(pred, is_dpo)
     loss, model_err, model_mse, ref_err, log_ratio, acc = FusedPatchLoss.apply(
         pred, target.detach(), None if ref_pred is None else ref_pred.detach(),
-        None if weight is None else weight.detach(), beta, is_dpo,
+        None if weight is None else weight.detach(), beta, is_dpo, one_pass,
     )  # fmt: skip
     if not is_dpo:
         return PatchLossOutput(loss=loss, model_err=model_err, model_mse=model_mse)
