@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("patchdpo_fast.eval.evaluate", "score DreamBench images: DINO, CLIP-I, CLIP-T beside the paper"),
     "minibench": ("patchdpo_fast.minibench.runner", "PatchDPO's comparison in a mini world learnt from scratch (CPU)"),
     "ops-demo": ("patchdpo_fast.ops_demo", "compare the fused Triton losses with the PyTorch reference"),
+    "kernels-report": ("patchdpo_fast.kernels_report", "compile the Triton kernels for sm_80/sm_90 without a GPU"),
 }
 
 #: Exception types reported as user errors (one line, exit status 2): problems with the input, not bugs.
@@ -120,6 +121,12 @@ def run_command(name: str, command_main: Callable[[list[str]], int | None], argv
         return 2
 
 
+#: top-level modules of the `[train]` extra (the core install is torch, triton, numpy and safetensors only)
+TRAINING_STACK = frozenset(
+    {"diffusers", "transformers", "accelerate", "deepspeed", "bitsandbytes", "pydantic", "yaml", "tqdm", "PIL"}
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``patchdpo <command>`` to the command's module; the module is imported only when used."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,8 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"patchdpo: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return run_command(name, module.main, rest)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return run_command(name, module.main, rest)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINING_STACK:
+            raise
+        print(
+            f"patchdpo {name}: needs the training stack, but {exc.name!r} is not installed; "
+            "install it with: pip install 'patchdpo_fast[train]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":
