@@ -331,7 +331,7 @@ def recount(path: Path) -> int:
             cache[key].update(case_bytes(info["op"], info["pass"], x, (info["impl"],)))
             print(f"recount: {key}: {cache[key]}", flush=True)
         apply_counts(info, cache[key], info["impl"])
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(data, indent=4, default=str) + "\n")  # pytest-benchmark's own indent
     if lines:
         jsonl.write_text("".join(json.dumps(x, default=str) + "\n" for x in lines))
     machine, records, date = report.load(path)

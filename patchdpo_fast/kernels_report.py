@@ -128,6 +128,14 @@ def _all_kernel_names() -> list[str]:
     return sorted(names)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the compile workers and their ptxas runs)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 # worker state for the fork-based pool: the unique launches, indexed
 _PENDING: list[Any] = []
 
@@ -152,6 +160,7 @@ def run_report(capabilities: tuple[int, ...] = CAPABILITIES, jobs: int = 2, only
     from patchdpo_fast.kernels.aot import specialization
 
     t0 = time.perf_counter()
+    cpu0 = _cpu_seconds()
     launches = [(label, x) for label, x in collect_launches() if only in x.name]
     unique: dict[str, int] = {}
     uses: dict[str, list[str]] = defaultdict(list)
@@ -187,6 +196,7 @@ def run_report(capabilities: tuple[int, ...] = CAPABILITIES, jobs: int = 2, only
         "kernels_not_compiled": sorted({k for k in _all_kernel_names() if only in k} - compiled),
         "collect_s": round(collect_s, 2),
         "total_s": round(time.perf_counter() - t0, 2),
+        "cpu_s": round(_cpu_seconds() - cpu0, 1),
         "results": results,
     }
 
@@ -242,7 +252,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         + " (ptxas from the triton wheel)",
         f"- {report['launches']} launches recorded from the launch helpers on meta tensors (fp32/bf16/fp16, NCHW "
         f"and channels_last, the benchmark shapes, 2B = 8192, an odd shape; the matching benchmark's shapes) -> "
-        f"{report['specializations']} distinct compiles in {report['total_s']:.1f} s",
+        f"{report['specializations']} distinct compiles in {report['total_s']:.1f} s wall, "
+        f"{report.get('cpu_s', float('nan')):.0f} s CPU",
         f"- compile errors: **{len(errors)}**; specializations with register spills: **{len(spills)}**",
         "- kernels defined but not compiled: " + (", ".join(report["kernels_not_compiled"]) or "none"),
         "",
