@@ -408,7 +408,8 @@ HOW_TO_READ = """## How to read the tables
 - `t / e / c` = triton (fused kernels, `backend="triton"`) / eager (the PyTorch reference functions) / compiled
   (`torch.compile` of the reference, warmed up before timing); `—` = not run (skipped or cut by the time budget).
 - `fwd`: the forward with `pred.requires_grad=True` (what a training step runs: autograd state is saved), all
-  logging terms included. `fwd_bwd`: the forward plus `torch.autograd.grad(loss, pred)`.
+  logging terms included. `fwd_bwd`: the forward plus `torch.autograd.grad(loss, pred)`. For `patch_weighted_mse`
+  (bf16/fp32) the triton `fwd` already writes `grad_pred` (the one-pass kernel), so its backward is nearly free.
 - median time: pytest-benchmark median over rounds; each round times many back-to-back calls and, on CUDA, starts
   and ends with `torch.cuda.synchronize()`, so it includes host (Python, launch) overhead.
 - GPU time (CUDA only): per-call time between CUDA events while the calls are queued behind a spin kernel, i.e.
