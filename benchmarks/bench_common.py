@@ -102,7 +102,7 @@ from patchdpo_fast.ops.reference import (  # noqa: E402
 class Case:
     """One input configuration of one loss."""
 
-    suite: str  # "realistic", "large" or "quick"
+    suite: str  # "realistic", "large", "quick" or "dryrun"
     op: str
     n: int
     c: int
@@ -163,9 +163,26 @@ def static_check_cases(device_type: str, quick: bool) -> list[Case]:
     return [Case("realistic", op, n, 4, hw, hw, 2 if HAS_WEIGHT[op] else None) for op in OPS for n, hw in shapes]
 
 
+#: ``run_gpu.sh --dry-run``: every stage at tiny size on the CPU, Triton under its interpreter (plumbing check)
+DRY_RUN: bool = os.environ.get("PATCHDPO_BENCH_DRY_RUN", "0") == "1"
+DRY_RUN_COMPILED_OPS = ("patch_weighted_mse",)  # one torch.compile (its CPU compile costs seconds per graph)
+
+
+def dry_run_specs() -> list[tuple[Case, str, str]]:
+    """One tiny case per op, both passes: triton (interpreter) and eager for all, compiled for one op."""
+    specs = []
+    for op in OPS:
+        case = Case("dryrun", op, 4, 4, 8, 8, 2 if HAS_WEIGHT[op] else None)
+        impls = IMPLS if op in DRY_RUN_COMPILED_OPS else ("triton", "eager")
+        specs += [(case, p, impl) for p in PASSES for impl in impls]
+    return specs
+
+
 def build_specs(device_type: str, quick: bool) -> list[tuple[Case, str, str]]:
     """(case, pass, impl) triples in run order: the six runs of one case are adjacent (inputs are shared); the
     static-compile spot check comes last, so a run cut by its time budget loses it first."""
+    if DRY_RUN:
+        return dry_run_specs()
     specs = [(case, p, impl) for case in build_cases(device_type, quick) for p in PASSES for impl in IMPLS]
     return specs + [(case, "fwd_bwd", "compiled_static") for case in static_check_cases(device_type, quick)]
 
@@ -371,22 +388,6 @@ def input_bytes(x: Inputs) -> int:
     return _nbytes(x.pred) + _nbytes(x.target) + _nbytes(x.ref_pred)
 
 
-def bytes_moved(op: str, pas: str, x: Inputs) -> int:
-    """The fewest bytes an implementation must move: each input read once, each output written once.
-
-    Forward: read pred, target, (ref_pred), weight; write the fp32 loss and the per-sample logging terms.
-    Forward + backward adds re-reading pred, target, weight and writing grad_pred.
-    """
-    n = x.pred.shape[0]
-    outputs = 4 * (1 + 2 * n)  # loss, model_err, model_mse
-    if HAS_REF[op]:
-        outputs += 4 * (n + n // 2 + 1)  # ref_err, log_ratio, implicit_acc
-    total = _nbytes(x.pred) + _nbytes(x.target) + _nbytes(x.ref_pred) + _nbytes(x.weight) + outputs
-    if pas == "fwd_bwd":
-        total += _nbytes(x.pred) + _nbytes(x.target) + _nbytes(x.weight) + _nbytes(x.pred)
-    return total
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,6 +412,8 @@ class TimingPlan:
 
 
 def timing_plan(device: torch.device, quick: bool) -> TimingPlan:
+    if DRY_RUN:
+        return TimingPlan(rounds=1, round_s=1e-6, max_iterations=1, warmup_calls=1)
     if device.type == "cuda":
         return TimingPlan(rounds=8 if quick else 20, round_s=2e-3, max_iterations=1000, warmup_calls=3)
     return TimingPlan(rounds=3 if quick else 10, round_s=0.05, max_iterations=200, warmup_calls=2)

@@ -72,7 +72,8 @@ def session_info() -> dict[str, object]:
     info.update(
         quick=_STATE["quick"],
         pytest_benchmark=_STATE["plugin"],
-        triton_skip_reason=None if _STATE["device"].type == "cuda" else bc.TRITON_CPU_SKIP,  # type: ignore[union-attr]
+        triton_skip_reason=None if _STATE["device"].type == "cuda" or bc.DRY_RUN else bc.TRITON_CPU_SKIP,  # type: ignore[union-attr]
+        dry_run=bc.DRY_RUN,
         compile_counters=bc.compile_counters(),
         budget_skipped=_STATE.get("budget_skipped", 0),
         session_s=round(time.perf_counter() - _STATE["start"], 1),  # type: ignore[operator]
@@ -92,7 +93,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     device: torch.device = _STATE["device"]  # type: ignore[assignment]
     triton_skip = None
-    if device.type != "cuda":
+    if bc.DRY_RUN:  # plumbing check: the fused path runs in Triton's CPU interpreter
+        from patchdpo_fast.ops.dispatch import triton_status
+
+        importable, interpret, why = triton_status()
+        triton_skip = None if importable and (interpret or device.type == "cuda") else (why or bc.TRITON_CPU_SKIP)
+    elif device.type != "cuda":
         triton_skip = bc.TRITON_CPU_SKIP
     else:
         from patchdpo_fast.ops.dispatch import triton_status

@@ -25,7 +25,13 @@ from pathlib import Path
 IMPLS = ("triton", "eager", "compiled")
 OPS = ("patch_weighted_mse", "diffusion_dpo", "patch_dpo")
 PASSES = ("fwd", "fwd_bwd")
-SUITES = ("quick", "realistic", "large")
+SUITES = ("dryrun", "quick", "realistic", "large")
+SUITE_TITLES = {
+    "dryrun": "Dry run (tiny shapes on the CPU, Triton interpreted: plumbing only, timings meaningless)",
+    "quick": "Quick (plumbing check)",
+    "realistic": "Realistic shapes",
+    "large": "Large sweep",
+}
 MIB = 1024**2
 
 TARGET_EAGER = 3.0
@@ -95,6 +101,14 @@ def fmt_mib(v: float | None) -> str:
     return f"{v / MIB:.2f}" if v < 10 * MIB else f"{v / MIB:.0f}"
 
 
+def fmt_moved(info: dict) -> str:
+    """This implementation's own bytes per call and their ratio to the ideal minimum, e.g. ``12.0 (1.50x)``."""
+    moved, ideal = info.get("bytes_moved"), info.get("ideal_bytes")
+    if moved is None:
+        return "—"
+    return fmt_mib(moved) + (f" ({moved / ideal:.2f}x)" if ideal else "")
+
+
 def fmt_ratio(num: float | None, den: float | None) -> str:
     r = ratio(num, den)
     return "—" if r is None else f"{r:.2f}x"
@@ -152,9 +166,14 @@ def targets_section(table: dict, copy: dict | None, machine: dict) -> list[str]:
     is_cuda = machine.get("device_type") == "cuda"
     name = str(machine.get("device_name", "?"))
     if not is_cuda:
+        why = (
+            "this was a dry run (tiny shapes on the CPU, the Triton kernels in their interpreter)"
+            if machine.get("dry_run")
+            else "this run had no CUDA device, so the fused Triton kernels were skipped "
+            f"({machine.get('triton_skip_reason') or 'no CUDA'})"
+        )
         out += [
-            "Not evaluated: this run had no CUDA device, so the fused Triton kernels were skipped "
-            f"({machine.get('triton_skip_reason') or 'no CUDA'}). The targets are:",
+            f"Not evaluated: {why}. The targets are:",
             "",
             f"- fused fwd+bwd >= {TARGET_EAGER:g}x faster than eager and >= {TARGET_COMPILED:g}x faster than "
             "torch.compile at the realistic shapes;",
@@ -248,12 +267,13 @@ def suite_tables(table: dict, copy: dict | None, machine: dict) -> list[str]:
         keys = [(suite, op, pas) for op in OPS for pas in PASSES if (suite, op, pas) in table]
         if not keys:
             continue
-        title = {"quick": "Quick (plumbing check)", "realistic": "Realistic shapes", "large": "Large sweep"}[suite]
+        title = SUITE_TITLES[suite]
         out += [f"## {title}", ""]
         for key in keys:
             _, op, pas = key
             out += [f"### {op} — {pas}", ""]
-            head = ["shape (N,C,H,W)", "s", "MiB moved", "median time t / e / c", "GB/s t / e / c"]
+            head = ["shape (N,C,H,W)", "s", "ideal MiB", "MiB moved t / e / c (x ideal)", "median time t / e / c",
+                    "GB/s t / e / c"]  # fmt: skip
             if is_cuda:
                 head += ["GPU time t / e / c", "peak extra MiB t / e / c"]
             head += ["triton vs eager", "triton vs compiled"]
@@ -272,7 +292,8 @@ def suite_tables(table: dict, copy: dict | None, machine: dict) -> list[str]:
                 cells = [
                     "x".join(map(str, shape)),
                     "—" if stride is None else str(stride),
-                    fmt_mib(any_info.get("bytes_moved")),
+                    fmt_mib(any_info.get("ideal_bytes")),
+                    triple([fmt_moved(get[k]) for k in IMPLS]),
                     triple([fmt_time(med[k]) for k in IMPLS]),
                     triple([fmt_num(get[k].get("gbps")) for k in IMPLS]),
                 ]
@@ -387,14 +408,19 @@ HOW_TO_READ = """## How to read the tables
 - `t / e / c` = triton (fused kernels, `backend="triton"`) / eager (the PyTorch reference functions) / compiled
   (`torch.compile` of the reference, warmed up before timing); `—` = not run (skipped or cut by the time budget).
 - `fwd`: the forward with `pred.requires_grad=True` (what a training step runs: autograd state is saved), all
-  logging terms included. `fwd_bwd`: the forward plus `torch.autograd.grad(loss, pred)`.
+  logging terms included. `fwd_bwd`: the forward plus `torch.autograd.grad(loss, pred)`. For `patch_weighted_mse`
+  (bf16/fp32) the triton `fwd` already writes `grad_pred` (the one-pass kernel), so its backward is nearly free.
 - median time: pytest-benchmark median over rounds; each round times many back-to-back calls and, on CUDA, starts
   and ends with `torch.cuda.synchronize()`, so it includes host (Python, launch) overhead.
 - GPU time (CUDA only): per-call time between CUDA events while the calls are queued behind a spin kernel, i.e.
   device execution with the launch overhead hidden (as inside a training step).
-- MiB moved / GB/s: the fewest bytes any implementation must move — forward reads pred, target, (ref_pred) and
-  the weight map once and writes the small outputs; fwd+bwd adds re-reading pred, target, weight and writing
-  grad_pred. GB/s = those bytes / median time, so it is an effective bandwidth, comparable across implementations.
+- ideal MiB: the fewest bytes any implementation can move — pred, target, (ref_pred) and the weight map read once,
+  the loss and per-sample terms written once, and for fwd+bwd grad_pred written once.
+- MiB moved t / e / c: what each implementation moves per call, counted from what it runs (`benchmarks/traffic.py`):
+  triton from its recorded kernel launches, eager from the inputs and outputs of every aten op (a dispatch mode; an
+  upper bound), compiled from the buffers its generated kernels are given; in brackets the ratio to the ideal.
+  GB/s = each implementation's own bytes / its median time (older result files, without own counts, used one
+  yardstick for all three).
 - peak extra MiB (CUDA only): `torch.cuda.max_memory_allocated()` during one call minus the memory allocated
   before it (the inputs), after `reset_peak_memory_stats()`; includes the outputs and, for `fwd`, what autograd
   saves. Not measured on the CPU.
@@ -405,11 +431,11 @@ HOW_TO_READ = """## How to read the tables
 
 
 def tiles_section(tiles: dict) -> list[str]:
-    out = ["## Tile sweep (`PATCHDPO_FAST_TILE=R,K,WARPS`, fwd+bwd)", ""]
+    out = ["## Tile sweep (`PATCHDPO_FAST_TILE=C,H,W,WARPS`, fwd+bwd)", ""]
     if tiles.get("note"):
         out += [tiles["note"], ""]
     out += [
-        "| op | shape | s | default | best | best R,K,WARPS | speed-up vs default |",
+        "| op | shape | s | default | best | best C,H,W,WARPS | speed-up vs default |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in tiles.get("best", []):

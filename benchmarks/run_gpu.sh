@@ -4,8 +4,13 @@
 # eager reference and torch.compile (benchmarks/test_bench_losses.py), then (3) the fused patch-matching kernel of
 # the quality estimator against the same baselines (benchmarks/test_bench_match.py).
 #
-#   bash benchmarks/run_gpu.sh [--quick] [--tile-sweep] [--allow-cpu] [--no-train | --train-only]
+#   bash benchmarks/run_gpu.sh [--quick] [--tile-sweep] [--allow-cpu] [--no-train | --train-only] [--dry-run]
 #
+#   --dry-run     every stage at tiny size on the CPU, the Triton kernels in their interpreter (TRITON_INTERPRET=1):
+#                 one step of the tiny model per training recipe (official, ours), one tiny case per loss op (triton
+#                 and eager; one torch.compile), a tiny matching case, the tile sweep's CPU plumbing and the reports;
+#                 files named *_dryrun, time budgets relaxed. A plumbing check that this script still works (CI runs
+#                 it: tests/benchmarks_smoke/test_run_gpu_dry_run.py)
 #   --quick       fewer training steps per recipe and one small shape per loss op (plumbing check, ~2 min)
 #   --tile-sweep  afterwards, time a few PATCHDPO_FAST_TILE settings (fwd+bwd, realistic shapes) in the time left
 #   --allow-cpu   without CUDA, run the CPU variant instead of failing (tiny training model, Triton cases skip)
@@ -13,6 +18,7 @@
 #   --no-train    skip the training-step stage (only the loss benchmarks, as before it existed)
 #   --train-only  only the training-step stage (no loss or match benchmarks)
 #
+# RESULTS_DIR (default benchmarks/results) is where every stage writes and where the report generators read.
 # Needs python3 with torch, triton and pytest (the training stage also diffusers, transformers, pydantic, pyyaml,
 # safetensors; bitsandbytes for its 8-bit variants); pytest-benchmark is used when importable. The package does not
 # need to be installed: the checkout is put on PYTHONPATH and benchmarks/bench_common.py maps kernels/ to
@@ -38,7 +44,7 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
-RES="$REPO/benchmarks/results"
+RES="${RESULTS_DIR:-$REPO/benchmarks/results}"
 mkdir -p "$RES"
 
 main() {
@@ -48,19 +54,27 @@ ALLOW_CPU=0
 DEVICE=cuda
 TRAIN=1
 LOSSES=1
+DRY=0
 for arg in "$@"; do
   case "$arg" in
+    --dry-run) DRY=1; QUICK=1; TILES=1; DEVICE=cpu ;;
     --quick) QUICK=1 ;;
     --tile-sweep) TILES=1 ;;
     --allow-cpu) ALLOW_CPU=1 ;;
     --cpu) DEVICE=cpu ;;
     --no-train) TRAIN=0 ;;
     --train-only) LOSSES=0 ;;
-    -h | --help) sed -n '2,35p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,41p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
 
+if [ "$DRY" = 1 ]; then
+  # a plumbing check must not be cut short by the GPU run's time budgets (a busy CPU can be slow); only hangs are
+  TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-3600}" BENCH_BUDGET_S="${BENCH_BUDGET_S:-3000}"
+  BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-3000}" TILE_BUDGET_S="${TILE_BUDGET_S:-600}"
+  TRAIN_TIMEOUT_S="${TRAIN_TIMEOUT_S:-1200}" MATCH_TIMEOUT_S="${MATCH_TIMEOUT_S:-600}"
+fi
 TOTAL_BUDGET_S="${TOTAL_BUDGET_S:-540}"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-330}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-450}"
@@ -76,7 +90,10 @@ if [ "$TRAIN" = 0 ] && [ "$LOSSES" = 0 ]; then
   exit 2
 fi
 
-if [ -n "${TRITON_INTERPRET:-}" ]; then
+if [ "$DRY" = 1 ]; then
+  echo "run_gpu.sh: dry run: tiny sizes on the CPU, Triton kernels in their interpreter; timings are meaningless"
+  export TRITON_INTERPRET=1 PATCHDPO_BENCH_DRY_RUN=1
+elif [ -n "${TRITON_INTERPRET:-}" ]; then
   echo "run_gpu.sh: unsetting TRITON_INTERPRET=${TRITON_INTERPRET} (the interpreter is for correctness tests only)"
   unset TRITON_INTERPRET
 fi
@@ -137,19 +154,20 @@ print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
 PYEOF
 )"
 PREFIX=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
-NAME="${PREFIX}_${SLUG}_$(date -u +%Y%m%d)"
-[ "$QUICK" = 1 ] && NAME="${NAME}_quick"
+RUN_TAG=""
+[ "$QUICK" = 1 ] && RUN_TAG="_quick"
+[ "$DRY" = 1 ] && RUN_TAG="_dryrun"
+NAME="${PREFIX}_${SLUG}_$(date -u +%Y%m%d)${RUN_TAG}"
 [ "$BENCH_COMPILE" = static ] && NAME="${NAME}_static"
 JSON="$RES/$NAME.json"
 JSONL="$RES/$NAME.jsonl"
 MD="$RES/$NAME.md"
 TILES_JSON="$RES/tiles_${NAME#*_}.json"
 TILES_MD="$RES/tiles_${NAME#*_}.md"
-TRAIN_NAME="train_${PREFIX}_${SLUG}_$(date -u +%Y%m%d)"
-[ "$QUICK" = 1 ] && TRAIN_NAME="${TRAIN_NAME}_quick"
+TRAIN_NAME="train_${PREFIX}_${SLUG}_$(date -u +%Y%m%d)${RUN_TAG}"
 TRAIN_JSON="$RES/$TRAIN_NAME.json"
 TRAIN_MD="$RES/$TRAIN_NAME.md"
-MATCH_JSON="$RES/match_${SLUG}_$(date -u +%Y%m%d)$([ "$QUICK" = 1 ] && echo _quick).json"
+MATCH_JSON="$RES/match_${SLUG}_$(date -u +%Y%m%d)${RUN_TAG}.json"
 
 TRAIN_RC=0
 if [ "$TRAIN" = 1 ]; then
@@ -157,6 +175,7 @@ if [ "$TRAIN" = 1 ]; then
   TRAIN_ARGS=(benchmarks/test_bench_train.py --device "$DEVICE" --out-json "$TRAIN_JSON" --out-md "$TRAIN_MD"
               --budget-s $((TRAIN_TIMEOUT_S > 120 ? TRAIN_TIMEOUT_S - 60 : TRAIN_TIMEOUT_S / 2)))
   [ "$QUICK" = 1 ] && TRAIN_ARGS+=(--quick)
+  [ "$DRY" = 1 ] && TRAIN_ARGS+=(--warmup 1 --steps 1 --pairs 1 --recipes official,ours)
   TTIMEOUT=()
   command -v timeout >/dev/null 2>&1 && TTIMEOUT=(timeout -s INT -k 30 "$TRAIN_TIMEOUT_S")
   echo "== training step benchmark (timeout ${TRAIN_TIMEOUT_S} s): $PY ${TRAIN_ARGS[*]}"
@@ -221,7 +240,7 @@ else
   MARGS=(benchmarks/test_bench_match.py -p no:cacheprovider -q --bench-device "$DEVICE" -W "ignore::DeprecationWarning"
          --benchmark-json "$MATCH_JSON" --benchmark-quiet --benchmark-sort=name
          --benchmark-storage "file://${TMPDIR:-/tmp}/patchdpo_bench_storage")
-  [ "$QUICK" = 1 ] && MARGS+=(-k Nq256)  # one shape: B4 x 256 x 256 x 128 on the CPU, B256 x 256 x 256 x 768 on CUDA
+  [ "$QUICK" = 1 ] && [ "$DRY" = 0 ] && MARGS+=(-k Nq256)  # one shape: B4 x 256 x 256 x 128 on the CPU, B256 x 256 x 256 x 768 on CUDA
   MENV=()
   [ "$DEVICE" = cpu ] && MENV=(env CUDA_VISIBLE_DEVICES=)  # --cpu on a GPU machine: the CPU cases
   MTIMEOUT=()

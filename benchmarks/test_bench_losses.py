@@ -4,8 +4,9 @@ Run through ``benchmarks/run_gpu.sh`` / ``benchmarks/run_cpu.sh`` (see README.md
 
     pytest benchmarks/test_bench_losses.py --benchmark-json=out.json [--bench-quick]
 
-Every case records in ``benchmark.extra_info``: op, impl, pass, shape, dtype, stride, bytes moved, effective
-GB/s (from the median), device time with the launch overhead hidden (CUDA), peak extra memory (CUDA) and the
+Every case records in ``benchmark.extra_info``: op, impl, pass, shape, dtype, stride, the bytes this implementation
+moves per call (counted from what it runs, ``traffic.py``) next to the ideal minimum, effective GB/s from its own
+bytes (from the median), device time with the launch overhead hidden (CUDA), peak extra memory (CUDA) and the
 warm-up (compile) time of its first call.
 """
 
@@ -16,6 +17,7 @@ import time
 
 import bench_common as bc
 import torch
+import traffic
 
 
 def _gbps(nbytes: int, seconds: float | None) -> float | None:
@@ -100,7 +102,14 @@ def test_loss(bench, bench_env, spec) -> None:
     gc.collect()
     peak, peak_reason = bc.peak_extra_memory(step, device)
 
-    moved = bc.bytes_moved(case.op, pas, x)
+    # Bytes this implementation moves per call, counted from one more call of what it runs (outside the timing).
+    counts = {"ideal": traffic.ideal_bytes(case.op, pas, x)}
+    if impl == "triton":
+        counts[impl] = traffic.count_triton(step)
+    elif impl == "eager":
+        counts[impl] = traffic.count_eager(step)
+    else:
+        counts[impl], counts[f"{impl}_reason"] = traffic.count_compiled(step)
     bench.extra_info.update(
         {
             "kind": "loss",
@@ -114,11 +123,8 @@ def test_loss(bench, bench_env, spec) -> None:
             "stride": case.stride,
             "weight_shape": None if x.weight is None else list(x.weight.shape),
             "input_bytes": bc.input_bytes(x),
-            "bytes_moved": moved,
             "median_s": median,
-            "gbps": _gbps(moved, median),
             "device_time_s": dev_s,
-            "device_gbps": _gbps(moved, dev_s),
             "launch_hidden": hidden,
             "peak_extra_bytes": peak,
             "peak_extra_reason": peak_reason,
@@ -129,5 +135,6 @@ def test_loss(bench, bench_env, spec) -> None:
             "loss_ok": loss_ok,
         }
     )
+    traffic.apply_counts(bench.extra_info, counts, impl)  # bytes_moved, ideal_bytes, bytes_ratio, gbps, device_gbps
     # Checked after recording, so a mismatch is both in the results and a test failure (non-zero exit).
     assert loss_ok, f"{impl} loss {loss!r} disagrees with the eager reference loss {ref_loss!r}"

@@ -12,6 +12,7 @@ Self-contained: only pytest-benchmark's ``benchmark`` fixture is used.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -37,9 +38,15 @@ CPU_CASES = [
     (2, 1024, 1024, 384, torch.float32),
 ]
 IMPLS = ("triton", "eager", "compiled")
+#: ``run_gpu.sh --dry-run`` (PATCHDPO_BENCH_DRY_RUN=1): one tiny case on the CPU, Triton in its interpreter, no compile
+DRY_RUN = os.environ.get("PATCHDPO_BENCH_DRY_RUN", "0") == "1"
+DRY_RUN_CASES = [(1, 32, 32, 16, torch.float32)]
 
 
 def _triton_skip() -> str | None:
+    if DRY_RUN:
+        importable, interpret, why = triton_match_status()
+        return None if importable and (interpret or CUDA) else (why or "dry run: set TRITON_INTERPRET=1")
     if not CUDA:
         return (
             "the Triton matching kernel is benchmarked on CUDA only (torch.cuda.is_available() is False; "
@@ -55,10 +62,12 @@ def _triton_skip() -> str | None:
 
 def _params():
     skip = _triton_skip()
-    for case in CUDA_CASES if CUDA else CPU_CASES:
+    for case in DRY_RUN_CASES if DRY_RUN else CUDA_CASES if CUDA else CPU_CASES:
         b, nq, nk, d, dtype = case
         for impl in IMPLS:
             marks = [pytest.mark.skip(reason=skip)] if impl == "triton" and skip else []
+            if DRY_RUN and impl == "compiled":
+                marks = [pytest.mark.skip(reason="dry run: torch.compile is exercised by the loss stage only")]
             name = f"{impl}-B{b}-Nq{nq}-Nk{nk}-D{d}-{str(dtype).removeprefix('torch.')}"
             yield pytest.param(case, impl, id=name, marks=marks)
 
@@ -120,7 +129,8 @@ def test_patch_match(benchmark, compiled_reference, case, impl) -> None:
         _sync()
 
     benchmark.group = f"patch_match B{b} Nq{nq} Nk{nk} D{d} {str(dtype).removeprefix('torch.')}"
-    benchmark.pedantic(run, rounds=20 if CUDA else 5, iterations=5 if CUDA else 1, warmup_rounds=1)
+    rounds, iterations = (1, 1) if DRY_RUN else (20, 5) if CUDA else (5, 1)
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=0 if DRY_RUN else 1)
     median = float(benchmark.stats.stats.median)
     flops = 2.0 * b * nq * nk * d
     in_bytes = (query.numel() + key.numel()) * query.element_size()

@@ -1,9 +1,10 @@
-"""Time a few ``PATCHDPO_FAST_TILE=R,K,WARPS`` settings of the fused kernels on the fwd+bwd realistic shapes.
+"""Time a few ``PATCHDPO_FAST_TILE=C,H,W,WARPS`` settings of the fused kernels on the fwd+bwd realistic shapes.
 
-The tile heuristic in ``kernels/patch_loss.py::tile_config`` (about 4096 elements per program, 8 warps) has never
-been tuned on a GPU. ``tile_config`` reads ``PATCHDPO_FAST_TILE`` at every launch, so this script sets it in-process,
-checks each setting against the eager reference (loss and ``grad_pred``), times it with the launch overhead hidden
-(GPU time, see ``bench_common.device_time``) and records the best setting per shape and the best single setting.
+The tile heuristic in ``kernels/patch_loss.py::tile_config`` (NCHW: 1024 pixels per step, 4 warps, all channels
+walked by one program) has never been tuned on a GPU. ``tile_config`` reads ``PATCHDPO_FAST_TILE`` at every launch,
+so this script sets it in-process, checks each setting against the eager reference (loss and ``grad_pred``), times
+it with the launch overhead hidden (GPU time, see ``bench_common.device_time``) and records the best setting per
+shape and the best single setting.
 
 Usage::
 
@@ -26,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-CANDIDATES = [  # (BLOCK_R, BLOCK_K, num_warps); NCHW tiles are rows = (c, y), cols = x, so K <= W is useful
-    (16, 64, 4),
-    (32, 64, 4),
-    (64, 64, 4),
-    (64, 64, 8),
-    (128, 64, 8),
-    (16, 128, 4),
-    (32, 128, 4),
-    (32, 128, 8),
-    (64, 128, 8),
+CANDIDATES = [  # (BLOCK_C, BLOCK_H, BLOCK_W, num_warps) of the NCHW tile: BLOCK_C channels walked over H x W pixels
+    (4, 16, 64, 4),  # the default heuristic for C = 4 latents
+    (4, 8, 64, 4),
+    (4, 32, 64, 8),
+    (4, 16, 64, 8),
+    (4, 8, 128, 4),
+    (4, 16, 128, 8),
+    (2, 16, 64, 4),
+    (1, 16, 64, 4),
+    (4, 32, 32, 4),
 ]
-CPU_CANDIDATES = [(8, 16, 4), (32, 16, 4)]
+CPU_CANDIDATES = [(4, 8, 16, 4), (2, 16, 16, 4)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             (ref_grad,) = torch.autograd.grad(ref_loss, x.pred)
             ref_loss_v = float(ref_loss.detach())
             ref_grad = ref_grad.float()
-            settings = [None] + [c for c in candidates if c[1] <= max(16, 1 << (hw - 1).bit_length())]
+            settings = [None] + [c for c in candidates if c[2] <= max(16, 1 << (hw - 1).bit_length())]
             for tile in settings:
                 if time.perf_counter() - start > args.budget_s:
                     truncated = True

@@ -17,8 +17,8 @@ Recipes (``RECIPES``):
   ``mean(W * (pred.float() - noise.float())**2)`` in plain PyTorch with ``W = cat[1 - q_ref, q_gen]``; fp16
   ``GradScaler``; ``torch.optim.AdamW`` on the fp32 IP K/V weights; ``cudnn.deterministic = True`` (its ``set_seed``).
   Image preprocessing and tokenization happen in its DataLoader workers, so they are done before the timed loop.
-  The library keeps a frozen reference copy of the adapter for the DPO losses; the official code has none, so
-  that copy is released for the official recipes (the baseline's memory is not inflated).
+  The library builds a frozen reference copy of the adapter only for the DPO losses; the official code has none,
+  so the official recipes never get one (the baseline's memory is not inflated).
 * ``official+fp16w`` – the same with the UNet weights cast to fp16 and cuDNN defaults: a stronger baseline
   (what the brief of the benchmark described); CUDA only.
 * ``ours`` and variants – the trainer's own step (``patchdpo_fast.train``: ``_Inputs`` reading the input cache,
@@ -295,6 +295,7 @@ def build_context(device: torch.device, plan: Plan, tmp: Path, loss_backend: str
             ip_scale=m.ip_scale,
             num_ip_tokens=m.num_ip_tokens,
             train_resampler=m.train_resampler,
+            reference=cfg.loss.uses_reference_model,
         )
     else:
         base = _build_models(cfg, env)  # exactly the trainer's builder (tiny, fp32)
@@ -360,16 +361,14 @@ def _recipe_models(ctx: Context, recipe: Recipe) -> Any:
             attention_backend=m.attention_backend,
             xformers_fallback=m.xformers_fallback,
             ip_scale=m.ip_scale,
+            # as the trainer: a reference adapter only for the DPO losses (the official code has none)
+            reference=recipe.kind == "ours" and ctx.cfg.loss.uses_reference_model,
         )
     ip_unet.eval()
     if recipe.gradient_checkpointing:
         ip_unet.enable_gradient_checkpointing()
     else:
         ip_unet.disable_gradient_checkpointing()
-    if recipe.kind == "official":  # the official code has no DPO reference adapter
-        for proc in ip_unet.ip_processors.values():
-            for layer in (proc.ref_k_ip, proc.ref_v_ip):
-                layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
     return dataclasses.replace(base, ip_unet=ip_unet, weight_dtype=weight_dtype)
 
 

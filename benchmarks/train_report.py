@@ -189,13 +189,14 @@ def notes(r: dict[str, Any]) -> list[str]:
         "under fp16 autocast, fp16 `GradScaler`, `torch.optim.AdamW` on the fp32 IP K/V weights, loss "
         "`mean(W * (pred.float() - noise.float())**2)` in plain PyTorch, no gradient checkpointing, no clipping, "
         "`cudnn.deterministic = True` (its `set_seed`). Tokenization and CLIP preprocessing run in its DataLoader "
-        "workers, so they are done before the timed loop. The library's frozen DPO reference copy of the adapter is "
-        "released for this recipe (the official code has none).",
+        "workers, so they are done before the timed loop. No DPO reference copy of the adapter (the official code "
+        "has none, and the library builds one only for the DPO losses).",
         "- **official+fp16w**: the same with the UNet weights in fp16 and cuDNN defaults — a stronger baseline.",
         "- **ours**: the library's own step (`patchdpo_fast.train`: `_Inputs` over a real input cache built once "
         "before the timing, `draw_pair_noise`, `_forward_loss` with the fused `patch_weighted_mse`, `PlainEngine` "
         "with AdamW and grad-norm clipping 1.0 from `configs/sdxl_ipadapter_plus.yaml`), bf16 frozen UNet and "
-        "encoders, SDPA attention. The encoders and the VAE stay resident on the GPU as the trainer keeps them. "
+        "encoders, SDPA attention. The encoders and the VAE stay resident on the GPU (shared with the official "
+        "recipes; the trainer itself releases them once the input cache is built). "
         "`+ckpt`: gradient checkpointing; `+8bit`: bitsandbytes AdamW8bit.",
         "- Both recipes start from the same collated batches held as CPU tensors (the host-to-device copies are "
         "timed; file reading and decoding are not: real runs overlap them with DataLoader workers). `inputs ms` is "

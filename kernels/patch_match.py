@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch as _launch
+from .launch import nbytes as _nbytes
+
 __all__ = ["INTERPRET", "MatchTileConfig", "match_tile_config", "patch_match_forward"]
 
 #: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import).
@@ -124,10 +127,11 @@ def match_tile_config(nq: int, nk: int, d: int, itemsize: int, interpret: bool =
     """Pick the tile for ``Nq`` queries, ``Nk`` keys of ``D`` features with ``itemsize`` bytes per element.
 
     On the GPU: 64 queries x 64 keys per program with a 64-wide feature slice for 16-bit inputs (32 for fp32) keeps
-    the fp32 accumulator and both operand tiles in registers with 4 warps. Under the interpreter every program
-    instance and every loop iteration costs Python time, so blocks cover whole (small) problems: up to 256 queries,
-    256 keys and 512 features. ``tl.dot`` needs every block dimension >= 16. ``PATCHDPO_FAST_MATCH_TILE="Q,K,D,WARPS"``
-    overrides the choice (for tuning on new hardware).
+    the fp32 accumulator and both operand tiles in registers with 4 warps (8 for fp32, whose IEEE products run on
+    the FMA units: with 4 warps ptxas spilled on sm_80/sm_90, see ``patchdpo kernels-report``). Under the
+    interpreter every program instance and every loop iteration costs Python time, so blocks cover whole (small)
+    problems: up to 256 queries, 256 keys and 512 features. ``tl.dot`` needs every block dimension >= 16.
+    ``PATCHDPO_FAST_MATCH_TILE="Q,K,D,WARPS"`` overrides the choice (for tuning on new hardware).
     """
     override = os.environ.get("PATCHDPO_FAST_MATCH_TILE")
     if override:
@@ -139,7 +143,7 @@ def match_tile_config(nq: int, nk: int, d: int, itemsize: int, interpret: bool =
 
     if interpret:
         return MatchTileConfig(fit(nq, 256), fit(nk, 256), fit(d, 512), 4)
-    return MatchTileConfig(fit(nq, 64), fit(nk, 64), fit(d, 64 if itemsize <= 2 else 32), 4)
+    return MatchTileConfig(fit(nq, 64), fit(nk, 64), fit(d, 64 if itemsize <= 2 else 32), 4 if itemsize <= 2 else 8)
 
 
 def patch_match_forward(
@@ -158,18 +162,28 @@ def patch_match_forward(
     cfg = match_tile_config(nq, nk, d, max(query.element_size(), key.element_size()))
     mask_strides = tuple(key_mask.stride()) if key_mask is not None else (0, 0)
     grid = (triton.cdiv(nq, cfg.block_q), b)
-    _patch_match_kernel[grid](
-        query, *query.stride(),
-        key, *key.stride(),
-        key_mask if key_mask is not None else query, *mask_strides,
-        out, *out.stride(),
-        nq, nk, d,
-        float(eps),
-        HAS_MASK=key_mask is not None,
-        UPCAST=upcast,
-        BLOCK_Q=cfg.block_q,
-        BLOCK_K=cfg.block_k,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
+    _launch(
+        _patch_match_kernel,
+        grid,
+        (
+            query, *query.stride(),
+            key, *key.stride(),
+            key_mask if key_mask is not None else query, *mask_strides,
+            out, *out.stride(),
+            nq, nk, d,
+            float(eps),
+        ),
+        {
+            "HAS_MASK": key_mask is not None,
+            "UPCAST": upcast,
+            "BLOCK_Q": cfg.block_q,
+            "BLOCK_K": cfg.block_k,
+            "BLOCK_D": cfg.block_d,
+            "num_warps": cfg.num_warps,
+        },
+        lambda: (
+            (("query", _nbytes(query)), ("key", _nbytes(key)), ("key_mask", _nbytes(key_mask))),
+            (("out", _nbytes(out)),),
+        ),
     )  # fmt: skip
     return out

@@ -18,7 +18,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -37,6 +36,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ProceduralDataConfig",
+    "SamplesConfig",
     "TrainConfig",
     "TrainLoopConfig",
     "apply_overrides",
@@ -86,7 +86,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+    # allow_inf_nan=False: every float setting must be finite (``.inf`` / ``.nan`` are refused, naming the key)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,6 +116,13 @@ class ModelConfig(_Section):
     )
     train_resampler: bool = Field(
         False, description="Also train the Resampler; the official recipe trains only the IP attention K/V projections."
+    )
+    train_unet: bool = Field(
+        False,
+        description=(
+            "Also train the UNet itself (full finetuning, fp32 master weights), e.g. to pretrain a personalized model "
+            "from scratch with loss.type=reconstruction. Only with losses that need no reference model."
+        ),
     )
     gradient_checkpointing: bool = False
     ip_scale: Annotated[float, Field(ge=0.0)] = Field(1.0, description="Scale of the image-prompt attention branch.")
@@ -227,13 +235,25 @@ class LossConfig(_Section):
       ``a = 1 - q_ref``, ``b = 1 - 2 q_gen`` for patch_dpo.
     * ``gen_only`` – quality weights on the generated (loser) side only, 1 on the reference side.
     * ``uniform`` – all weights 1 (patch_weighted_mse becomes plain MSE, patch_dpo becomes diffusion_dpo).
-    * ``auto`` (default) – ``quality`` for patch_weighted_mse / patch_dpo, ``uniform`` for mse / diffusion_dpo.
+    * ``auto`` (default) – ``quality`` for patch_weighted_mse / patch_dpo, ``uniform`` for the others.
+
+    ``reconstruction`` is the objective of the stage *before* PatchDPO, the plain IP-Adapter training: each record's
+    generated image is a ground-truth target that the model learns to denoise from the reference image (image
+    prompt) and the prompt; reference images are not denoised and quality maps are not used.
+
+    ``pair_order: generated_wins`` swaps winners and losers (images and maps): a deliberate bug for controls such
+    as ``patchdpo minibench``'s semantic-bug detector, never for real training.
     """
 
-    type: Literal["patch_weighted_mse", "patch_dpo", "diffusion_dpo", "mse"] = "patch_weighted_mse"
-    beta: Annotated[float, Field(gt=0.0)] = Field(5000.0, description="DPO temperature (absorbs T); DPO losses only.")
+    type: Literal["patch_weighted_mse", "patch_dpo", "diffusion_dpo", "mse", "reconstruction"] = "patch_weighted_mse"
+    beta: Annotated[float, Field(gt=0.0, le=1e8)] = Field(  # le: patchdpo_fast.ops.validation.MAX_BETA
+        5000.0, description="DPO temperature (absorbs T); DPO losses only."
+    )
     weight_mode: Literal["auto", "quality", "gen_only", "uniform"] = "auto"
     backend: Literal["auto", "triton", "torch"] = "auto"
+    pair_order: Literal["reference_wins", "generated_wins"] = Field(
+        "reference_wins", description="Which image of a pair is the winner; 'generated_wins' is a control only."
+    )
 
     @property
     def uses_reference_model(self) -> bool:
@@ -249,7 +269,7 @@ class LossConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> LossConfig:
-        if self.type in ("mse", "diffusion_dpo") and self.weight_mode not in ("auto", "uniform"):
+        if self.type in ("mse", "diffusion_dpo", "reconstruction") and self.weight_mode not in ("auto", "uniform"):
             raise _SubKeyError("weight_mode", f"loss.type={self.type} takes no patch weights; use 'auto' or 'uniform'")
         return self
 
@@ -282,6 +302,10 @@ class TrainLoopConfig(_Section):
     output_dir: Path = Path("runs/tiny_cpu")
     resume_from: str | None = Field(
         None, description="'latest' (newest checkpoint in output_dir, if any) or a checkpoint path; null starts fresh."
+    )
+    export_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16",
+        description="Dtype of the exported ip_adapter.safetensors (fp16 like the official files; fp32 on request).",
     )
     nan_policy: Literal["skip", "error"] = Field("skip", description="On a non-finite loss: skip the step or fail.")
     max_nan_skips: NonNegativeInt = Field(10, description="With nan_policy=skip, fail after this many skipped steps.")
@@ -322,6 +346,32 @@ class DeepSpeedConfig(_Section):
         return self
 
 
+class SamplesConfig(_Section):
+    """Sample grids written during training: one row per reference image, the reference then one sample per prompt.
+
+    Written before the first step (``samples/step_00000000.png``), every ``every`` steps and at the end, with the
+    policy adapter, into ``train.output_dir/samples/``. Off when ``references`` is null.
+    """
+
+    references: Path | None = Field(
+        None, description="Folder of reference images (one subfolder per subject, or images directly in it)."
+    )
+    prompts: list[str] = Field(default_factory=list, description="Prompts; each reference is drawn with each.")
+    max_references: PositiveInt = Field(8, description="Use at most this many references (sorted by subject).")
+    every: NonNegativeInt = Field(0, description="Also write a grid every N steps (0: only at the start and end).")
+    steps: PositiveInt = Field(20, description="Sampler steps.")
+    guidance: Annotated[float, Field(ge=0.0)] = 3.0
+    scheduler: Literal["euler", "ddim", "dpm", "ddpm"] = "ddim"
+    negative_prompt: str = ""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplesConfig:
+        if self.references is not None and not self.prompts:
+            raise _SubKeyError("prompts", "give at least one prompt when samples.references is set")
+        return self
+
+
 class TrainConfig(_Section):
     """A complete PatchDPO training job. Defaults describe the tiny CPU demo."""
 
@@ -332,9 +382,18 @@ class TrainConfig(_Section):
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.model.train_unet and self.loss.uses_reference_model:
+            raise _SubKeyError(
+                "model.train_unet",
+                f"loss.type={self.loss.type} needs a frozen reference model, which a trained UNet does not provide "
+                "yet; use mse, patch_weighted_mse or reconstruction",
+            )
+        if self.loss.type == "reconstruction" and self.loss.pair_order != "reference_wins":
+            raise _SubKeyError("loss.pair_order", "loss.type=reconstruction has no winners and losers")
         if self.optim.optimizer == "adamw8bit" and self.deepspeed.offload_optimizer:
             raise _SubKeyError(
                 "optim.optimizer", "adamw8bit cannot be combined with DeepSpeed CPU optimizer offload; use adamw"
@@ -348,7 +407,17 @@ class TrainConfig(_Section):
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` / ``3E5`` as floats (PyYAML's YAML 1.1 rules need a dot)."""
+    """SafeLoader with YAML 1.2 scalars: ``1e-4`` / ``3E5`` are floats (YAML 1.1 needs a dot) and only
+    ``true`` / ``false`` are booleans, so documented values such as ``mixed_precision: no`` stay strings
+    (YAML 1.1 would read ``no``, ``yes``, ``on``, ``off``, ``y``, ``n`` as booleans)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 _YamlLoader.add_implicit_resolver(
@@ -466,6 +535,7 @@ def _path_checks(cfg: TrainConfig) -> list[tuple[str, Path | None, str]]:
         ("model.image_encoder_path", cfg.model.image_encoder_path, "dir"),
         ("model.ip_adapter_path", cfg.model.ip_adapter_path, "file"),
         ("deepspeed.config", cfg.deepspeed.config, "file"),
+        ("samples.references", cfg.samples.references, "dir"),
     ]
     if cfg.data.source == "manifest":
         checks.append(("data.manifest_path", cfg.data.manifest_path, "file"))
@@ -568,16 +638,9 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike[str] | None = None) ->
     """
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from patchdpo_fast.utils import atomic_write_text
+
+        atomic_write_text(path, text)  # fsynced, renamed into place, the usual file permissions
     return text
 
 

@@ -19,6 +19,7 @@ as IP-Adapter-Plus was trained and as stock diffusers does) or of a black image 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,8 +166,7 @@ def image_prompt_tokens(
     size = models.image_size
     device = models.image_encoder.device
     if uncond_image == "zeros":
-        zeros = torch.zeros(1, 3, size, size, device=device, dtype=models.image_encoder.dtype)
-        feats = models.image_encoder(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
+        feats = models.null_image_features()
     elif uncond_image == "black":
         feats = models.encode_reference_images(torch.zeros(1, 3, size, size, device=device))
     else:
@@ -304,6 +304,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "GPU, fp32 on CPU)")  # fmt: skip
     group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     group.add_argument("--scheduler", choices=SCHEDULERS, default="euler", help="sampler (default euler)")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Check the :func:`add_model_arguments` options and the sampling options before any model loads.
+
+    Raises:
+        UserError: naming the option and what is expected.
+    """
+    from patchdpo_fast.errors import UserError
+    from patchdpo_fast.models.checks import check_ip_adapter_file
+    from patchdpo_fast.utils import resolve_device
+
+    folders = (("--pretrained", args.pretrained), ("--image-encoder", args.image_encoder), ("--vae", args.vae))
+    for flag, value in folders:
+        if value is not None and not Path(value).is_dir():
+            raise UserError(f"{flag} {value}: expected a local model folder")
+    if args.ip_adapter is not None:
+        check_ip_adapter_file(args.ip_adapter)
+    if args.device is not None:
+        resolve_device(args.device)
+    for flag, minimum in (("steps", 1), ("batch_size", 1), ("num_images", 1), ("resolution", 8)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+    resolution = getattr(args, "resolution", None)
+    if resolution is not None and resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (the VAE factor), got {resolution}")
+    for flag in ("guidance", "ip_scale"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 def _default_device() -> str:

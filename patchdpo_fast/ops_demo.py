@@ -98,4 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("ops-demo", main))

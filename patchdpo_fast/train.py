@@ -17,6 +17,8 @@ file that stock diffusers loads with ``pipeline.load_ip_adapter``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -34,7 +36,6 @@ import numpy as np
 import torch
 
 from patchdpo_fast.config import (
-    ConfigError,
     TrainConfig,
     config_to_dict,
     dump_config,
@@ -42,26 +43,32 @@ from patchdpo_fast.config import (
     resolve_deepspeed_config,
 )
 from patchdpo_fast.errors import UserError
-from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights
+from patchdpo_fast.training.batch import apply_dropout, compute_loss, draw_pair_noise, loss_weights, order_pairs
 from patchdpo_fast.training.checkpoint import (
     CheckpointDir,
+    CheckpointError,
     checkpoint_run_id,
     find_checkpoint,
     list_checkpoints,
     new_run_id,
     prune_checkpoints,
+    quarantine_checkpoint,
+    trainer_state_problems,
+    verify_checkpoint,
 )
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
 from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
 from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
 from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
+from patchdpo_fast.utils import write_safetensors
 
 __all__ = ["TrainResult", "main", "train"]
 
 logger = logging.getLogger("patchdpo_fast.train")
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -126,12 +133,7 @@ class _Inputs:
         else:
             with torch.no_grad():
                 embeds, pooled = models.encode_prompts([""])
-                black = torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution, device=models.device)
-                null = {
-                    "prompt_embeds": embeds,
-                    "pooled": pooled,
-                    "image_features": models.encode_reference_images(black),
-                }
+                null = {"prompt_embeds": embeds, "pooled": pooled, "image_features": models.null_image_features()}
         self.null = {k: v.to(env.device) for k, v in null.items()}
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
@@ -164,15 +166,14 @@ class _Inputs:
 def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any | None]:
     """The training dataset (cached features or raw pairs) and the cache handle (None without a cache)."""
     from patchdpo_fast.data import CachedPairDataset, build_input_cache, build_pair_dataset
+    from patchdpo_fast.data.cache_settings import input_cache_settings
 
     raw = build_pair_dataset(cfg.data, needs_quality=cfg.loss.effective_weight_mode != "uniform")
     if not cfg.cache.enabled:
         return raw, None
-    settings = {
-        "model": cfg.model.model_dump(mode="json"),
-        "resolution": cfg.data.resolution,
-        "patch_size": cfg.data.patch_size,
-    }
+    # exactly what the cached tensors depend on: encoder weights and dtypes, resolution, preprocessing (the data,
+    # the quality-map grid and the storage layout come from the dataset and the cache options)
+    settings = input_cache_settings(cfg)
     if env.is_main:  # one process encodes; the others wait for the finished cache
         build_input_cache(
             raw,
@@ -186,22 +187,25 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
             dtype=getattr(torch, cfg.cache.dtype),
             on_stale=cfg.cache.on_stale,
             progress=True,
+            encode_null_image=models.null_image_features,
         )
     env.barrier()
     cached = CachedPairDataset(cfg.cache.dir)
-    _release_encoders(models, env)
+    if cfg.samples.references is None:  # sample grids (samples.references) draw with the encoders
+        _release_encoders(models, env)  # the cache serves every input: latents, text and image conditioning, maps
     return cached, cached
 
 
 def _release_encoders(models: Any, env: DistEnv) -> None:
-    """With the input cache built, the VAE and the text/image encoders are not needed on the accelerator."""
-    if env.device.type == "cpu":
-        return
-    for name in ("vae", "text_encoder", "text_encoder_2", "image_encoder"):
-        module = getattr(models, name, None)
-        if module is not None:
-            module.to("cpu")
-    torch.cuda.empty_cache()
+    """With the input cache built, nothing calls the VAE or the text/image encoders again: drop them.
+
+    On every device, the CPU included: for an fp32 SDXL-size run the encoders' ~6 GB are what keeps a step from
+    fitting next to the UNet.
+    """
+    models.release_encoders()
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,8 +231,42 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
         ip_scale=m.ip_scale,
         num_ip_tokens=m.num_ip_tokens,
         gradient_checkpointing=m.gradient_checkpointing,
+        train_unet=m.train_unet,
+        reference=cfg.loss.uses_reference_model,  # only the DPO losses read the reference adapter
     )
     return models
+
+
+def _reference_record(cfg: TrainConfig, models: Any) -> dict[str, Any] | None:
+    """What the DPO reference adapter is, for checkpoints: the initial adapter, where it came from and its SHA-256.
+
+    The reference never changes during a run, so checkpoints store this record instead of its weights; a resumed run
+    rebuilds the same initial adapter from its configuration and :func:`_check_reference` compares the hashes.
+    ``None`` when the loss needs no reference.
+    """
+    sha256 = models.ip_unet.reference_fingerprint()
+    if sha256 is None:
+        return None
+    m = cfg.model
+    origin: dict[str, Any] = {"ip_adapter_path": str(m.ip_adapter_path) if m.ip_adapter_path else None,
+                              "train_resampler": m.train_resampler, "num_ip_tokens": m.num_ip_tokens}  # fmt: skip
+    if m.tiny:
+        origin.update(tiny=True, tiny_seed=m.tiny_seed)
+    else:
+        origin.update(pretrained_path=str(m.pretrained_path))
+    return {"kind": "initial adapter", "sha256": sha256, "origin": origin}
+
+
+def _check_reference(path: Path, stored: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """Refuse to resume a DPO run against another reference adapter than the one its checkpoint was trained with."""
+    if stored is None or current is None or stored.get("sha256") == current["sha256"]:
+        return
+    raise UserError(
+        f"checkpoint {path} was trained against the reference adapter {stored['sha256'][:16]}... built from "
+        f"{stored.get('origin')}, but this configuration builds the reference {current['sha256'][:16]}... from "
+        f"{current['origin']}. The DPO reference is the run's initial adapter and is not stored in checkpoints: "
+        "resume with the model settings and the unchanged weight files that started the run"
+    )
 
 
 def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
@@ -291,7 +329,7 @@ class _Run:
             apply_optimizer_settings(optimizer, scheduler, cfg, keys)
 
 
-def _saved_config(ckpt: Path) -> dict[str, Any] | None:
+def _saved_config(ckpt: Path, strict: bool = True) -> dict[str, Any] | None:
     import yaml
 
     file = ckpt / "config.yaml"
@@ -300,7 +338,9 @@ def _saved_config(ckpt: Path) -> dict[str, Any] | None:
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{file}: cannot read the checkpoint's config ({exc})") from None
+        if not strict:
+            return None
+        raise CheckpointError(f"{file}: cannot read the checkpoint's config ({exc})") from None
     return data if isinstance(data, dict) else None
 
 
@@ -322,13 +362,84 @@ def _remove_previous_run(out_dir: Path, root: Path, existing: list[tuple[int, Pa
     logger.warning("--overwrite: removed the previous run from %s: %s", out_dir, ", ".join(removed))
 
 
+def _checkpoint_problems(ckpt: Path, env: DistEnv) -> list[str]:
+    """This rank's share of the checks of a checkpoint: file checksums, then (rank 0) the trainer counters."""
+    problems = verify_checkpoint(ckpt, rank=env.rank if env.distributed else None)
+    if not problems and env.is_main:
+        saved = _saved_config(ckpt, strict=False) or {}
+        data, loop = saved.get("data") or {}, saved.get("train") or {}
+        per_step = None
+        if isinstance(data.get("pairs_per_batch"), int) and isinstance(loop.get("gradient_accumulation_steps"), int):
+            per_step = data["pairs_per_batch"] * loop["gradient_accumulation_steps"]
+        problems = trainer_state_problems(ckpt, per_step)
+    return problems
+
+
+def _select_checkpoint(out_dir: Path, resume: str, env: DistEnv) -> Path | None:
+    """The checkpoint to resume: the one given (it must be intact) or, for ``latest``, the newest intact one.
+
+    A corrupt newest checkpoint (a file missing, truncated or altered, nonsense counters) is skipped with a warning
+    naming the file and moved aside (``step_N.corrupt``), so the run continues from the previous intact one.
+    """
+    if resume != "latest":
+        ckpt = find_checkpoint(out_dir, resume)
+        problems = _checkpoint_problems(ckpt, env)
+        if env.any(bool(problems)):
+            raise CheckpointError(f"cannot resume {ckpt}: " + "; ".join(problems or ["a file failed its check"]))
+        return ckpt
+    candidates = [path for _, path in reversed(list_checkpoints(out_dir / "checkpoints"))]
+    for ckpt in candidates:
+        problems = _checkpoint_problems(ckpt, env)
+        if not env.any(bool(problems)):
+            return ckpt
+        env.barrier()  # every rank has checked before rank 0 moves the checkpoint away
+        if env.is_main:
+            aside = quarantine_checkpoint(ckpt)
+            logger.warning("skipping corrupt checkpoint %s (moved to %s): %s", ckpt, aside.name,
+                           "; ".join(problems or ["a file failed its check on another rank"]))  # fmt: skip
+        env.barrier()
+    if candidates:
+        raise CheckpointError(
+            f"no intact checkpoint in {out_dir / 'checkpoints'}: all {len(candidates)} failed their checks (see the "
+            "warnings above; they were moved aside as step_N.corrupt)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _reading_checkpoint(path: Path) -> Iterator[None]:
+    """Turn a failure to load a (verified) checkpoint into a :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def _check_before_loading(cfg: TrainConfig, env: DistEnv) -> None:
+    """Settings that can only be checked on this machine, checked before any model loads."""
+    from patchdpo_fast.ops.dispatch import BACKENDS
+
+    if cfg.loss.backend == "triton":
+        reason = BACKENDS["triton"].unsupported_reason(env.device, {torch.float32})
+        if reason is not None:
+            raise UserError(f"loss.backend=triton cannot run here: {reason}; use loss.backend=auto or torch")
+    if cfg.model.ip_adapter_path is not None:
+        from patchdpo_fast.models.checks import check_ip_adapter_file
+
+        check_ip_adapter_file(cfg.model.ip_adapter_path, "model.ip_adapter_path")
+    if cfg.cache.enabled and Path(cfg.cache.dir).exists() and not Path(cfg.cache.dir).is_dir():
+        raise UserError(f"cache.dir {cfg.cache.dir} is a file; expected a folder (created when missing)")
+
+
 def _claim_output_dir(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool) -> _Run:
     """Find the checkpoint to resume (checking its settings) or make sure a fresh run owns its output folder."""
     out_dir = Path(cfg.train.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"train.output_dir {out_dir} is a file; expected a folder (created when missing)")
     root = out_dir / "checkpoints"
-    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    ckpt = _select_checkpoint(out_dir, resume, env) if resume else None
     if ckpt is not None:
         saved = _saved_config(ckpt)
         changed = check_resume_config(saved, config_to_dict(cfg), str(ckpt)) if saved is not None else []
@@ -389,8 +500,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(
-    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run
-) -> Path:
+    cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run,
+    reference: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     root = Path(cfg.train.output_dir) / "checkpoints"
     ckpt = CheckpointDir(root, step, run.run_id)
     if env.is_main:
@@ -399,13 +511,16 @@ def _save_checkpoint(
     global_state, rank_state = engine.state()  # collective for DeepSpeed
     with engine.gathered():
         adapter = models.adapter_state_dict() if env.is_main else None
+        unet = models.ip_unet.unet_state_dict() if env.is_main and cfg.model.train_unet else None
     if rank_state is not None:
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
         ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
     if env.is_main:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(ckpt.tmp / "adapter.safetensors"))
+        # the policy only, straight from the weights (no copy); the reference adapter is recorded, not stored
+        meta = {"reference": json.dumps(reference)} if reference is not None else None
+        write_safetensors(adapter, ckpt.tmp / "adapter.safetensors", metadata=meta)
+        if unet is not None:
+            write_safetensors(unet, ckpt.tmp / "unet.safetensors")
         save_state(
             {
                 "engine": global_state,
@@ -437,38 +552,65 @@ def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
     return trainer
 
 
-def _load_adapter_weights(path: Path, models: Any) -> None:
+def _load_adapter_weights(
+    path: Path, models: Any, reference: dict[str, Any] | None, train_unet: bool = False
+) -> dict[str, Any] | None:
+    """Load a checkpoint's policy adapter (and its UNet when ``train_unet``) after checking its reference record;
+    returns the run's reference record.
+
+    Checkpoints written before the reference was left out hold its weights: they are loaded into the reference.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = path / "adapter.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no adapter.safetensors")
-    models.load_adapter_state_dict(load_file(str(file)))
+    with safe_open(str(file), framework="pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("reference", "null"))
+    _check_reference(path, stored, reference)
+    if train_unet:
+        unet_file = path / "unet.safetensors"
+        if not unet_file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no unet.safetensors, but model.train_unet is true")
+        models.ip_unet.load_unet_state_dict(load_file(str(unet_file)))
+    if models.load_adapter_state_dict(load_file(str(file))):  # an older checkpoint that stored the reference
+        return None if reference is None else {**reference, "sha256": models.ip_unet.reference_fingerprint()}
+    return reference
 
 
 def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x: dict[str, torch.Tensor], rnd: Any,
                   train: bool) -> Any:  # fmt: skip
-    """Noise both images of each pair identically, run the policy (and reference) and compute the loss."""
+    """Noise both images of each pair identically, run the policy (and reference) and compute the loss.
+
+    ``loss.type=reconstruction`` denoises only the generated (target) images; ``loss.pair_order=generated_wins``
+    puts the generated images (and their maps) first, as winners.
+    """
     dev, l_cfg = inputs.env.device, cfg.loss
     b = x["lat_ref"].shape[0]
-    noise = rnd.noise.to(dev).repeat(2, 1, 1, 1)
-    t = rnd.timesteps.to(dev).repeat(2)
-    latents = torch.cat([x["lat_ref"], x["lat_gen"]])
+    reps = 1 if l_cfg.type == "reconstruction" else 2
+    noise = rnd.noise.to(dev).repeat(reps, 1, 1, 1)
+    t = rnd.timesteps.to(dev).repeat(reps)
+    latents, q_win, q_lose = order_pairs(
+        l_cfg.type, l_cfg.pair_order, x["lat_ref"], x["lat_gen"], x["q_ref"], x["q_gen"]
+    )
     sched = models.noise_scheduler
     noisy = sched.add_noise(latents, noise, t)
     target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-    embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(2, 1, 1)
-    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(2, 1)
-    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(2, 1, 1)
-    time_ids = models.add_time_ids(2 * b, cfg.data.resolution).to(dev)
+    embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(reps, 1, 1)
+    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(reps, 1)
+    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(reps, 1, 1)
+    time_ids = models.add_time_ids(reps * b, cfg.data.resolution).to(dev)
     args = (noisy, t, embeds, pooled, time_ids, feats)
     if train:
         pred = engine.forward(*args)
     else:
         with torch.no_grad():
             pred = engine.module(*args, use_reference=False)
+    if l_cfg.type == "reconstruction":
+        return compute_loss("mse", pred, target, None, None, l_cfg.beta, l_cfg.backend)
     ref_pred = engine.reference_forward(*args) if l_cfg.uses_reference_model else None
-    weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, x["q_ref"], x["q_gen"], tuple(pred.shape[-2:]))
+    weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, q_win, q_lose, tuple(pred.shape[-2:]))
     return compute_loss(l_cfg.type, pred, target, ref_pred, weight, l_cfg.beta, l_cfg.backend)
 
 
@@ -483,6 +625,21 @@ def fixed_batch_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs
     rnd = draw_pair_noise(cfg.train.seed + 7919, 0, indices, tuple(x["lat_ref"].shape[1:]),
                           models.noise_scheduler.config.num_train_timesteps, 0.0, 0.0, 0.0)  # fmt: skip
     return float(_forward_loss(cfg, models, engine, inputs, x, rnd, train=False).loss)
+
+
+def _maybe_sample(cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, force: bool) -> None:
+    """Write ``samples/step_N.png`` (see :class:`~patchdpo_fast.config.SamplesConfig`) when it is due."""
+    s_cfg = cfg.samples
+    if s_cfg.references is None or not (force or (s_cfg.every and step % s_cfg.every == 0)):
+        return
+    from patchdpo_fast.training.samples import write_sample_grid
+
+    with engine.gathered():
+        if env.is_main:
+            path = Path(cfg.train.output_dir) / "samples" / f"step_{step:08d}.png"
+            write_sample_grid(s_cfg, models, cfg.data.resolution, path)
+            logger.info("samples at step %d: %s", step, path)
+    env.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,6 +672,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     torch.manual_seed(t_cfg.seed + env.rank)
     np.random.seed((t_cfg.seed + env.rank) % 2**32)
     random.seed(t_cfg.seed + env.rank)
+    _check_before_loading(cfg, env)
     run = _claim_output_dir(cfg, env, resume, overwrite)
     ckpt_path = run.checkpoint
     if env.is_main:
@@ -522,8 +680,10 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         logger.info("output directory: %s (rank 0 of %d, device %s)", out_dir, env.world_size, env.device)
 
     models = _build_models(cfg, env)
+    reference = _reference_record(cfg, models)  # hashed before DeepSpeed casts or partitions anything
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
-        _load_adapter_weights(ckpt_path, models)
+        with _reading_checkpoint(ckpt_path):
+            reference = _load_adapter_weights(ckpt_path, models, reference, cfg.model.train_unet)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
     engine = _build_engine(cfg, models, env)
@@ -534,9 +694,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
                                drop_last=d_cfg.drop_last)  # fmt: skip
     step, nan_skips, consumed = 0, 0, 0
     if ckpt_path is not None:
-        trainer = _load_checkpoint(ckpt_path, env, engine)
+        with _reading_checkpoint(ckpt_path):
+            trainer = _load_checkpoint(ckpt_path, env, engine)
         if trainer["world_size"] != env.world_size and cfg.deepspeed.enabled:
-            raise ValueError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks")
+            raise CheckpointError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks; resuming "
+                                  f"DeepSpeed ZeRO state needs the same number, got {env.world_size}")  # fmt: skip
         step, nan_skips, consumed = int(trainer["step"]), int(trainer["nan_skips"]), int(trainer["consumed_per_rank"])
         sampler.load_state_dict(sampler.state_dict(consumed=consumed))
         run.resumed(trainer, engine, cfg)
@@ -561,6 +723,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
         progress = tqdm(total=t_cfg.max_steps, initial=step, desc="patchdpo", dynamic_ncols=True, file=sys.stderr)
 
+    _maybe_sample(cfg, env, engine, models, step, force=step == 0)
     if ckpt_path is None:  # a resumed run keeps the loss its checkpoints recorded at step 0
         run.fixed_batch_loss_start = fixed_batch_loss(cfg, models, engine, inputs, dataset)
         if env.is_main:
@@ -633,7 +796,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         if progress is not None:
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run)
+            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run, reference)
+        _maybe_sample(cfg, env, engine, models, step, force=step == t_cfg.max_steps)
 
     if progress is not None:
         progress.close()
@@ -644,7 +808,10 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     adapter_path = None
     with engine.gathered():
         if env.is_main:
-            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors")
+            export_dtype = _EXPORT_DTYPES[cfg.train.export_dtype]
+            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors", dtype=export_dtype)
+            if cfg.model.train_unet:
+                models.export_unet(out_dir / "unet")  # the UNet keeps its training dtype (fp32 master weights)
             atomic_write_json(
                 out_dir / "summary.json",
                 {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),
@@ -661,7 +828,11 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``patchdpo train`` / ``python -m patchdpo_fast.train`` / ``deepspeed patchdpo_fast/train.py``."""
+    """``patchdpo train`` / ``python -m patchdpo_fast.train`` / ``deepspeed patchdpo_fast/train.py``.
+
+    User errors (config, data, paths, a refused resume) propagate; :func:`patchdpo_fast.cli.run_command` prints
+    them as one line with exit status 2.
+    """
     parser = argparse.ArgumentParser(prog="patchdpo train", description="PatchDPO training of IP-Adapter-Plus.")
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="YAML config (default: the tiny CPU demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -670,19 +841,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="resume from the newest checkpoint in train.output_dir or from a given path")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an output_dir holding another run (deletes its checkpoints)")  # fmt: skip
+    parser.add_argument("--export-dtype", choices=sorted(_EXPORT_DTYPES), default=None,
+                        help="dtype of the exported ip_adapter.safetensors (same as --set train.export_dtype=...; "
+                             "default fp16 like the official files, fp32 keeps the exact master weights)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"patchdpo train: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"patchdpo train: {exc}", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides)
+    if args.export_dtype is not None:
+        overrides.append(f"train.export_dtype={args.export_dtype}")
+    cfg = load_config(args.config, overrides)  # a ConfigError names the key (reported by cli.run_command)
+    result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),
                           "final_step": result.final_step, "nan_skips": result.nan_skips,
@@ -691,4 +860,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("train", main))

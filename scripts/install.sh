@@ -10,5 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[test]"
+# the core plus the training stack ([train]) and the test tools ([test]); `pip install patchdpo_fast` alone is the
+# light core (torch, triton, numpy, safetensors) for trainers that only import the loss ops
+.venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[train,test]"
 .venv/bin/python -c "import torch, triton, patchdpo_fast.ops; print(f'patchdpo_fast ready: torch {torch.__version__}, triton {triton.__version__}')"

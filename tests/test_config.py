@@ -318,3 +318,47 @@ def test_manifest_data_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.source=manifest", f"data.manifest_path={tmp_path / 'none.jsonl'}"])
     assert info.value.keys == ["data.manifest_path"]
+
+
+def _literal_fields(model: type = TrainConfig, prefix: str = "") -> list[tuple[str, tuple]]:
+    """Every ``Literal``-typed config key (dotted) with its allowed values."""
+    import typing
+
+    from pydantic import BaseModel
+
+    found = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found += _literal_fields(annotation, f"{key}.")
+        elif typing.get_origin(annotation) is typing.Literal:
+            found.append((key, typing.get_args(annotation)))
+    return found
+
+
+def test_overrides_accept_every_documented_value_as_written(tmp_path: Path) -> None:
+    """`--set train.mixed_precision=no` once read as the YAML 1.1 boolean False and was rejected."""
+    literal_fields = _literal_fields()
+    assert ("train.mixed_precision", ("no", "fp16", "bf16")) in literal_fields
+    for key, values in literal_fields:
+        section, _, name = key.rpartition(".")
+        for value in values:
+            extra = ["data.manifest_path=m.jsonl"] if key == "data.source" else []
+            cfg = load_config(None, [f"{key}={value}", *extra], check_paths=False)
+            node = cfg
+            for part in section.split("."):
+                node = getattr(node, part)
+            assert getattr(node, name) == value, key
+    # the same words unquoted in a YAML file
+    path = write_yaml(tmp_path, {})
+    path.write_text("train:\n  mixed_precision: no\n  export_dtype: fp32\nmodel:\n  gradient_checkpointing: true\n")
+    cfg = load_config(path, check_paths=False)
+    assert cfg.train.mixed_precision == "no" and cfg.train.export_dtype == "fp32" and cfg.model.gradient_checkpointing
+    # booleans are written true/false; pydantic still reads yes/no for a bool field
+    assert load_config(None, ["model.gradient_checkpointing=yes"], check_paths=False).model.gradient_checkpointing
+    assert not load_config(
+        None, ["model.tiny_seed=0", "model.xformers_fallback=no"], check_paths=False
+    ).model.xformers_fallback
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
+        load_config(None, ["train.mixed_precision=true"], check_paths=False)

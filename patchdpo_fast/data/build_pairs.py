@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchdpo_fast.data.files import IMAGE_SUFFIXES, atomic_write_bytes, save_image_atomic
+from patchdpo_fast.data.files import IMAGE_SUFFIXES, atomic_write_bytes, check_images, save_image_atomic
 from patchdpo_fast.data.manifest import GeneratedImage, Manifest, ManifestRecord, merge_manifests, relative_path
 from patchdpo_fast.generation import DEFAULT_NEGATIVE_PROMPT
 from patchdpo_fast.utils import parse_shard
@@ -470,6 +470,7 @@ def build_pairs(
         "copy_references": copy_references,
     }
     _check_settings(out, settings, len(plan))
+    check_images([item.reference for item in plan], "reference image")  # before generating anything
 
     index, count = shard
     chunks = [plan[c : c + batch_size] for c in range(0, len(plan), batch_size)]
@@ -614,43 +615,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    try:
-        if args.merge:
-            merged = merge_parts(args.out, allow_partial=args.allow_partial)
-            print(f"merged {len(merged)} records ({merged.num_pairs} pairs): {merged.path}")
-            return 0
-        if args.references is None or args.prompts is None:
-            parser.error("--references and --prompts are required (unless --merge)")
-        shard = parse_shard(args.shard)
-        models = models_from_args(args)
-        pipe = build_pipeline(models, scheduler=args.scheduler)
-        result = build_pairs(
-            args.references,
-            args.prompts,
-            args.out,
-            pipe=pipe,
-            num_images=args.num_images,
-            resolution=args.resolution or (64 if args.tiny else 1024),
-            steps=args.steps,
-            guidance=args.guidance,
-            ip_scale=args.ip_scale,
-            negative_prompt=args.negative_prompt,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            shard=shard,
-            limit=args.limit,
-            max_references=args.max_references,
-            unique_token=args.unique_token,
-            classes_file=args.classes,
-            live_classes=[c.strip() for c in args.live_classes.split(",") if c.strip()],
-            copy_references=args.copy_references,
-            model_id=model_identity(args),
-            progress=not args.no_progress,
-            flush_seconds=args.flush_seconds,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"patchdpo build-pairs: error: {exc}", file=sys.stderr)
-        return 2
+    if args.merge:
+        merged = merge_parts(args.out, allow_partial=args.allow_partial)
+        print(f"merged {len(merged)} records ({merged.num_pairs} pairs): {merged.path}")
+        return 0
+    if args.references is None or args.prompts is None:
+        parser.error("--references and --prompts are required (unless --merge)")
+    shard = parse_shard(args.shard)
+    # inputs are checked before the models load and anything is generated
+    read_prompt_file(args.prompts)
+    references = [p for s in discover_subjects(args.references, args.max_references) for p in s.references]
+    check_images(references, "reference image")
+    models = models_from_args(args)
+    pipe = build_pipeline(models, scheduler=args.scheduler)
+    result = build_pairs(
+        args.references,
+        args.prompts,
+        args.out,
+        pipe=pipe,
+        num_images=args.num_images,
+        resolution=args.resolution or (64 if args.tiny else 1024),
+        steps=args.steps,
+        guidance=args.guidance,
+        ip_scale=args.ip_scale,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        shard=shard,
+        limit=args.limit,
+        max_references=args.max_references,
+        unique_token=args.unique_token,
+        classes_file=args.classes,
+        live_classes=[c.strip() for c in args.live_classes.split(",") if c.strip()],
+        copy_references=args.copy_references,
+        model_id=model_identity(args),
+        progress=not args.no_progress,
+        flush_seconds=args.flush_seconds,
+    )
     state = "complete" if result.complete else "incomplete (rerun to continue)"
     print(
         f"shard {result.shard[0]}/{result.shard[1]}: {result.generated_items} items generated, "
@@ -664,4 +665,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("build-pairs", main))

@@ -16,7 +16,7 @@ key                       content                                               
 ========================  =======================================================  ==========================
 
 plus the prompts as JSON in the shard's metadata, and ``null.safetensors`` with the unconditional inputs for
-conditioning dropout: ``encode_prompts([""])`` and ``encode_reference`` of an all-zero (black) reference image.
+conditioning dropout: ``encode_prompts([""])`` and the image features of a dropped image prompt (``encode_null_image``).
 
 ``index.json`` records the cache format, a fingerprint (SHA-256 of the dataset's ``fingerprint()``, the caller's
 encoder settings, shard size and dtype), per finished shard its file name, item range ``[start, stop)``, byte
@@ -30,6 +30,7 @@ rebuilt by :func:`build_input_cache` and reported by :class:`CachedPairDataset`.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +54,7 @@ __all__ = [
     "CachedPairDataset",
     "build_input_cache",
     "cache_fingerprint",
+    "describe_changes",
     "verify_input_cache",
 ]
 
@@ -164,6 +166,37 @@ def cache_fingerprint(
     return hashlib.sha256(text.encode("utf-8")).hexdigest(), json.loads(text)
 
 
+def _brief(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 72 else text[:69] + "..."
+
+
+def _named(value: Any) -> Any:
+    """Lists of ``[name, ...]`` rows (files, records) as ``{name: rest}``, so a change names the row."""
+    if isinstance(value, list) and value and all(isinstance(v, list) and v and isinstance(v[0], str) for v in value):
+        names = [v[0] for v in value]
+        if len(set(names)) == len(names):
+            return {v[0]: v[1:] for v in value}
+    return value
+
+
+def describe_changes(old: Any, new: Any, key: str = "") -> list[str]:
+    """The settings that differ between two ``described`` fingerprints, as ``"dotted.key: old -> new"`` lines."""
+    old, new = _named(old), _named(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in old:
+                out.append(f"{sub}: new ({_brief(new[k])})")
+            elif k not in new:
+                out.append(f"{sub}: gone (was {_brief(old[k])})")
+            else:
+                out += describe_changes(old[k], new[k], sub)
+        return out
+    return [] if old == new else [f"{key or 'fingerprint'}: {_brief(old)} -> {_brief(new)}"]
+
+
 def _as_rows(name: str, value: Any, rows: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise CacheError(f"{name} must return a tensor, got {type(value).__name__}")
@@ -181,6 +214,47 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _BuildLock:
+    """An exclusive ``flock`` on ``<cache_dir>/.build.lock``: one builder at a time per cache folder.
+
+    Parallel jobs sharing a ``cache.dir`` then take turns: the first builds, the others wait and find (and verify)
+    the finished cache. Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / ".build.lock"
+        self._handle: Any = None
+
+    def __enter__(self) -> _BuildLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self._handle = self.path.open("a+")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process building the input cache in %s", self.path.parent)
+            fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.close()  # releases the lock
+            self._handle = None
+
+
+def _one_builder_at_a_time(build: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    @functools.wraps(build)
+    def locked(dataset: Dataset, cache_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with _BuildLock(Path(cache_dir)):
+            return build(dataset, cache_dir, *args, **kwargs)
+
+    return locked
+
+
+@_one_builder_at_a_time
 def build_input_cache(
     dataset: Dataset,
     cache_dir: str | os.PathLike[str],
@@ -195,6 +269,7 @@ def build_input_cache(
     on_stale: str = "error",
     verify: bool = True,
     progress: bool = True,
+    encode_null_image: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Build (or finish, or check) the input cache of ``dataset`` under ``cache_dir``.
 
@@ -205,8 +280,10 @@ def build_input_cache(
             expects). Called once per batch on the reference and generated images together.
         encode_prompts: list of N prompts -> ``(prompt_embeds (N, L, D), pooled (N, P) or None)``.
         encode_reference: ``(N, 3, H, W)`` reference pixels in [0, 1] -> ``(N, T, F)`` image features.
-        settings: JSON-able description of the encoders (model paths, revisions, resolution, ...); part of the
-            fingerprint, so changing it invalidates the cache.
+        settings: JSON-able description of everything else the cached tensors depend on (encoder weights and
+            dtypes, resolution, preprocessing: :func:`~patchdpo_fast.data.cache_settings.input_cache_settings` for a
+            training config); part of the fingerprint, so changing it invalidates the cache, and a stale cache's
+            error names each setting that differs (:func:`describe_changes`).
         shard_size: pairs per shard.
         batch_size: pairs per encoder call.
         dtype: storage dtype of the encoder outputs (quality maps stay float32).
@@ -214,6 +291,11 @@ def build_input_cache(
             :class:`CacheError`, ``"rebuild"`` deletes it and starts over.
         verify: check the SHA-256 of already finished shards before trusting them (size is always checked).
         progress: show a tqdm progress bar.
+        encode_null_image: ``() -> (1, T, F)`` image features of the dropped image prompt; default:
+            ``encode_reference`` of a black image.
+
+    Concurrent builders of one ``cache_dir`` (parallel jobs sharing a cache) take turns through a file lock, and
+    identical builds write byte-identical shards.
 
     Returns:
         The cache index (as written to ``index.json``).
@@ -235,13 +317,15 @@ def build_input_cache(
 
     index = _read_index(cache_dir)
     if index is not None and index["fingerprint"] != fingerprint:
+        changes = describe_changes(index.get("described"), described)
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
         if on_stale == "error":
             raise CacheError(
                 f"the input cache in {cache_dir} was built from other data or encoder settings "
-                f"(fingerprint {index['fingerprint'][:12]}..., expected {fingerprint[:12]}...); "
+                f"(fingerprint {index['fingerprint'][:12]}..., expected {fingerprint[:12]}...): {shown}; "
                 "delete it or set cache.on_stale=rebuild"
             )
-        logger.warning("input cache in %s is stale; rebuilding it", cache_dir)
+        logger.warning("input cache in %s is stale (%s); rebuilding it", cache_dir, shown)
         for entry in [*index["shards"], index.get("null") or {}]:
             if entry.get("file"):
                 (cache_dir / entry["file"]).unlink(missing_ok=True)
@@ -279,7 +363,9 @@ def build_input_cache(
 
     with torch.no_grad():
         if index.get("null") is None or _entry_problem(cache_dir, index["null"], verify) is not None:
-            index["null"] = _write_null(cache_dir, dataset, encode_prompts, encode_reference, storage)
+            index["null"] = _write_null(
+                cache_dir, dataset, encode_prompts, encode_reference, storage, encode_null_image
+            )
             _write_index(cache_dir, index)
 
         done = sum(e["stop"] - e["start"] for e in good.values())
@@ -343,13 +429,17 @@ def _write_null(
     encode_prompts: EncodePrompts,
     encode_reference: EncodeReference,
     storage: torch.dtype,
+    encode_null_image: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     ref = dataset[0]["ref_pixels"]
     embeds, pooled = encode_prompts([""])
     tensors = {"prompt_embeds": _cast(_as_rows("encode_prompts", embeds, 1), storage)}
     if pooled is not None:
         tensors["pooled"] = _cast(_as_rows("encode_prompts (pooled)", pooled, 1), storage)
-    features = encode_reference(torch.zeros((1, *ref.shape), dtype=ref.dtype))
+    if encode_null_image is not None:
+        features = encode_null_image()
+    else:
+        features = encode_reference(torch.zeros((1, *ref.shape), dtype=ref.dtype))
     tensors["image_features"] = _cast(_as_rows("encode_reference", features, 1), storage)
     data = safetensors_save(tensors)
     _atomic_write(cache_dir / NULL_NAME, data)
@@ -399,7 +489,9 @@ def _write_shard(
             joined = torch.cat(parts)
             tensors[key] = joined.contiguous() if key in ("q_ref", "q_gen") else _cast(joined, storage)
     tensors["index"] = torch.tensor(indices, dtype=torch.int64)
-    metadata = {"start": str(start), "stop": str(stop), "prompts": json.dumps(prompts)}
+    # one metadata key: safetensors writes several in a per-process random order, and identical builds must give
+    # byte-identical shards (the item range is in index.json and the "index" tensor)
+    metadata = {"prompts": json.dumps(prompts)}
     data = safetensors_save(tensors, metadata=metadata)
     name = f"shard_{shard:05d}.safetensors"
     _atomic_write(cache_dir / name, data)
@@ -538,7 +630,7 @@ class CachedPairDataset(Dataset):
 
     def null_conditioning(self) -> dict[str, torch.Tensor]:
         """Unconditional inputs for conditioning dropout, each with a leading batch dim of 1:
-        ``prompt_embeds`` and ``pooled`` of the empty prompt, ``image_features`` of a black reference image."""
+        ``prompt_embeds`` and ``pooled`` of the empty prompt, ``image_features`` of the dropped image prompt."""
         entry = self.index.get("null")
         if not entry:
             raise CacheError(f"input cache in {self.cache_dir} has no null conditioning")

@@ -31,11 +31,13 @@ from torch.utils.data import Dataset, Sampler
 from patchdpo_fast.data.files import load_image, load_quality_map, probe_quality_map
 from patchdpo_fast.data.manifest import Manifest, ManifestPair, is_manifest_file
 from patchdpo_fast.data.procedural import ProceduralPairs
+from patchdpo_fast.errors import UserError
 
 if TYPE_CHECKING:
     from patchdpo_fast.config import DataConfig
 
 __all__ = [
+    "BadRecordsError",
     "ManifestPairDataset",
     "OnDiskPairDataset",
     "PairRecord",
@@ -147,6 +149,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[PairRecord]:
     return records
 
 
+class BadRecordsError(UserError, RuntimeError):
+    """More bad records than ``data.max_bad_records`` (or every record bad) with ``on_bad_record='skip'``."""
+
+
 class _BadRecordLog:
     """The distinct bad records met so far, shared by the DataLoader worker processes reading one dataset.
 
@@ -223,6 +229,14 @@ class _SkippingPairDataset(Dataset):
     def describe(self, index: int) -> str:
         raise NotImplementedError
 
+    def _check_limit(self, last: str, cause: BaseException | None = None) -> None:
+        count = len(self._bad)
+        if count > self.max_bad_records:
+            raise BadRecordsError(
+                f"more than data.max_bad_records={self.max_bad_records} bad pairs ({count} met, counted "
+                f"across DataLoader workers); last: {last}"
+            ) from cause
+
     def __getitem__(self, index: int) -> PairItem:
         if self.on_bad_record == "error":
             return self.load(index)
@@ -230,18 +244,17 @@ class _SkippingPairDataset(Dataset):
         for step in range(n):
             current = (index + step) % n
             if current in self._bad:
+                # Another worker may have crossed the limit in a batch the run never consumes (prefetched past
+                # max_steps): every item that stands in for a bad pair enforces it, not only the one that crossed it.
+                self._check_limit(f"{self.describe(current)} (met earlier)")
                 continue
             try:
                 return self.load(current)
             except (FileNotFoundError, ValueError) as exc:
-                count = self._bad.add(current)
+                self._bad.add(current)
                 logger.warning("skipping bad %s: %s", self.describe(current), exc)
-                if count > self.max_bad_records:
-                    raise RuntimeError(
-                        f"more than data.max_bad_records={self.max_bad_records} bad pairs ({count} met, counted "
-                        f"across DataLoader workers); last: {exc}"
-                    ) from exc
-        raise RuntimeError("every pair is bad")
+                self._check_limit(str(exc), exc)
+        raise BadRecordsError(f"every pair of the dataset is bad ({n} pairs); see the warnings above")
 
 
 class OnDiskPairDataset(_SkippingPairDataset):

@@ -26,7 +26,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "QUALITY_KEY",
     "atomic_write_bytes",
+    "check_images",
     "load_image",
+    "load_pil",
     "load_quality_map",
     "probe_image",
     "probe_quality_map",
@@ -75,6 +77,23 @@ def load_image(path: str | os.PathLike[str], resolution: int | None = None) -> t
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).clamp_(0.0, 1.0)
 
 
+def load_pil(path: str | os.PathLike[str]) -> Image.Image:
+    """An image file as a decoded PIL RGB image.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a readable image (the message names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except _IMAGE_ERRORS as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
 def probe_image(path: str | os.PathLike[str], decode: bool = False) -> tuple[int, int]:
     """Check that ``path`` is an image file and return its ``(width, height)``.
 
@@ -95,6 +114,23 @@ def probe_image(path: str | os.PathLike[str], decode: bool = False) -> tuple[int
             return img.size
     except _IMAGE_ERRORS as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def check_images(paths: Any, what: str = "image") -> None:
+    """Decode every image of ``paths`` before any work starts; one error listing all that fail.
+
+    Raises:
+        ValueError: ``"<n> unreadable <what>(s): <path>: <reason>; ..."`` (missing, truncated, not an image).
+    """
+    problems = []
+    for path in dict.fromkeys(Path(p) for p in paths):  # each file once, in order
+        try:
+            probe_image(path, decode=True)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{len(problems)} unreadable {what}(s): {shown}")
 
 
 def to_pil(image: Any) -> Image.Image:

@@ -190,18 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", choices=("none", "quick", "full"), default="quick", help="image check level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        manifest = import_official(
-            args.root,
-            args.out,
-            copy=args.copy,
-            max_generated=args.max_generated,
-            on_bad_record=args.on_bad_record,
-            check=args.check,
-        )
-    except (ManifestError, FileNotFoundError, ValueError) as exc:
-        print(f"patchdpo import-official: error: {exc}", file=sys.stderr)
-        return 2
+    manifest = import_official(
+        args.root,
+        args.out,
+        copy=args.copy,
+        max_generated=args.max_generated,
+        on_bad_record=args.on_bad_record,
+        check=args.check,
+    )
     for problem in manifest.report.problems:
         print(f"skipped: {problem}", file=sys.stderr)
     print(f"imported {len(manifest)} records ({manifest.num_pairs} pairs): {manifest.path}")
@@ -209,4 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("import-official", main))

@@ -36,6 +36,7 @@ __all__ = [
     "TEXTURES",
     "ProceduralPair",
     "ProceduralPairs",
+    "shape_distance",
     "write_procedural_manifest",
 ]
 
@@ -94,7 +95,7 @@ def _polygon_radius(phi: np.ndarray, sides: int, radius: float, rotation: float 
     return radius * math.cos(math.pi / sides) / np.cos(local)
 
 
-def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Approximate signed distance (negative inside) of a shape in local units; every shape fits in the unit disc."""
     r = np.hypot(u, v)
     phi = np.arctan2(v, u)
@@ -218,7 +219,7 @@ def _render_subject(
     cos, sin = math.cos(rotation), math.sin(rotation)
     u = cos * dx + sin * dy
     v = -sin * dx + cos * dy
-    dist = _shape_distance(shape, u, v)
+    dist = shape_distance(shape, u, v)
     alpha = np.clip(0.5 - dist * scale, 0.0, 1.0).astype(np.float32)  # ~1 px anti-aliased edge
     mix = _texture(texture, u, v, freq, tex_angle)[..., None]
     shading = (1.0 - 0.15 * np.clip(np.hypot(u, v), 0, 1))[..., None]
@@ -482,15 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=8, help="pixels per quality-map cell (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     args = parser.parse_args(argv)
-    try:
-        path = write_procedural_manifest(
-            args.out, args.num_pairs, args.resolution, args.seed, args.patch_size, progress=True
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
+    path = write_procedural_manifest(
+        args.out, args.num_pairs, args.resolution, args.seed, args.patch_size, progress=True
+    )
     print(f"wrote {args.num_pairs} pairs: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("procedural-pairs", main))

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from patchdpo_fast.errors import UserError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "KOSMOS_G_REFERENCE",
@@ -39,6 +41,7 @@ __all__ = [
     "DreamBenchSubject",
     "LayoutError",
     "LayoutReport",
+    "UnknownSubjectError",
     "check_layout",
     "find_prompts_file",
     "image_path",
@@ -194,7 +197,7 @@ class DreamBenchProtocol:
         for s in self.subjects:
             if s.name == name:
                 return s
-        raise KeyError(f"unknown DreamBench subject {name!r}; known: {', '.join(self.subject_names)}")
+        raise UnknownSubjectError(f"unknown DreamBench subject {name!r}; known: {', '.join(self.subject_names)}")
 
     def templates(self, subject: str) -> tuple[str, ...]:
         """The prompt templates of ``subject`` (live-subject list for cats and dogs)."""
@@ -230,7 +233,9 @@ class DreamBenchProtocol:
         wanted = list(dict.fromkeys(subjects))
         unknown = [n for n in wanted if n not in self.subject_names]
         if unknown:
-            raise KeyError(f"unknown DreamBench subjects: {', '.join(unknown)}; known: {', '.join(self.subject_names)}")
+            raise UnknownSubjectError(
+                f"unknown DreamBench subjects: {', '.join(unknown)}; known: {', '.join(self.subject_names)}"
+            )
         return [s for s in self.subjects if s.name in wanted]
 
 
@@ -355,7 +360,7 @@ def selected_reference(
     """
     selection = KOSMOS_G_REFERENCE if selection is None else selection
     if subject not in selection:
-        raise KeyError(f"no selected reference image for subject {subject!r}")
+        raise UnknownSubjectError(f"no selected reference image for subject {subject!r}")
     stem = selection[subject]
     for p in reference_images(references_dir, subject):
         if p.stem == stem:
@@ -366,6 +371,13 @@ def selected_reference(
 # ----------------------------------------------------------------------------------------------------------------
 # Layout checker
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class UnknownSubjectError(UserError, KeyError):
+    """A subject name that the protocol (or the single-reference selection) does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown subject"
 
 
 class LayoutError(ValueError):

@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from patchdpo_fast.data.files import check_images
+from patchdpo_fast.utils import resolve_device
+
 from ._io import atomic_write_json, atomic_write_text
 from .dreambench import (
     PAPER_RESULTS,
@@ -98,6 +101,9 @@ def evaluate_dreambench(
             problems.append(str(exc).strip("\"'"))
     if problems:
         raise FileNotFoundError(f"reference photos missing in {references_dir}:\n  " + "\n  ".join(problems))
+    # every image decodes (a truncated file is named here, not deep inside a model's preprocessing)
+    check_images([p for paths in refs.values() for p in paths], "reference photo")
+    check_images([p for entries in groups.values() for _, p in entries], "generated image")
 
     per_subject: dict[str, Any] = {}
     for name, entries in groups.items():
@@ -233,29 +239,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapter = (record.get("model") or {}).get("ip_adapter") or {}
         label = Path(adapter["path"]).stem if adapter.get("path") else "ours"
 
-    try:
-        models = build_eval_models(
-            tiny=args.tiny,
-            dino_model=args.dino_model,
-            clip_model=args.clip_model,
-            device=args.device,
-            dtype=_DTYPES[args.dtype] if args.dtype else None,
-            seed=args.tiny_seed,
-        )
-        result = evaluate_dreambench(
-            args.generated,
-            args.references,
-            models,
-            setting=setting,
-            prompts_file=args.prompts_file,
-            subjects=subjects,
-            prompts_limit=limit,
-            batch_size=args.batch_size,
-            log=lambda line: print(line, file=sys.stderr),
-        )
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"patchdpo evaluate: {exc}", file=sys.stderr)
-        return 1
+    models = build_eval_models(
+        tiny=args.tiny,
+        dino_model=args.dino_model,
+        clip_model=args.clip_model,
+        device=resolve_device(args.device) if args.device else None,
+        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        seed=args.tiny_seed,
+    )
+    result = evaluate_dreambench(
+        args.generated,
+        args.references,
+        models,
+        setting=setting,
+        prompts_file=args.prompts_file,
+        subjects=subjects,
+        prompts_limit=limit,
+        batch_size=args.batch_size,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     if record:
         result["generation"] = {k: record.get(k) for k in ("settings", "model", "selection")}
     paths = write_outputs(result, args.out, args.markdown, args.chart, label=label)
@@ -265,4 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("evaluate", main))

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchdpo_fast.data.files import check_images
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.generation import DEFAULT_NEGATIVE_PROMPT
 from patchdpo_fast.utils import parse_shard
 
@@ -174,7 +175,7 @@ def generate_dreambench(
         model_identity: what identifies the model (recorded and compared on resume).
 
     Raises:
-        ValueError: bad arguments, or ``out_dir`` holds a run with other settings.
+        ValueError: bad arguments, ``out_dir`` holds a run with other settings, or unreadable reference photos.
         KeyError / FileNotFoundError: unknown subjects, missing reference folders or selected photos.
     """
     from tqdm.auto import tqdm
@@ -196,6 +197,7 @@ def generate_dreambench(
         refs[name] = (
             [selected_reference(references_dir, name)] if mode == "single" else reference_images(references_dir, name)
         )
+    check_images([p for paths in refs.values() for p in paths], "reference photo")  # ... or unreadable
 
     settings = {
         "mode": mode,
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``patchdpo generate``; returns the exit status."""
-    from patchdpo_fast.generation import build_pipeline, model_identity, models_from_args
+    from patchdpo_fast.generation import build_pipeline, check_model_arguments, model_identity, models_from_args
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -334,36 +336,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--pretrained and --image-encoder are both required without --tiny")
     if not args.tiny and args.ip_adapter is None:
         parser.error("--ip-adapter is required with --pretrained (an untrained adapter generates noise)")
-    try:
-        shard = parse_shard(args.shard)
-        protocol = parse_prompts_file(find_prompts_file(args.references, args.prompts_file))
+    check_model_arguments(args)
+    shard = parse_shard(args.shard)
+    protocol = parse_prompts_file(find_prompts_file(args.references, args.prompts_file))
 
-        def factory():
+    def factory():
+        try:
             return build_pipeline(models_from_args(args), scheduler=args.scheduler)
+        except KeyError as exc:  # weights of another layout in --ip-adapter
+            raise UserError(f"--ip-adapter {args.ip_adapter}: {exc.args[0] if exc.args else exc}") from None
 
-        result = generate_dreambench(
-            protocol,
-            args.references,
-            args.out,
-            pipe_factory=factory,
-            mode=args.mode,
-            subjects=parse_subject_list(args.subjects),
-            prompts_limit=args.prompts_limit,
-            ip_scale=args.ip_scale,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            resolution=args.resolution,
-            negative_prompt=args.negative_prompt,
-            batch_size=args.batch_size,
-            shard=shard,
-            progress=not args.no_progress,
-            contact_sheets=not args.no_contact_sheets,
-            model_identity=model_identity(args),
-        )
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"patchdpo generate: {exc}", file=sys.stderr)
-        return 1
+    result = generate_dreambench(
+        protocol,
+        args.references,
+        args.out,
+        pipe_factory=factory,
+        mode=args.mode,
+        subjects=parse_subject_list(args.subjects),
+        prompts_limit=args.prompts_limit,
+        ip_scale=args.ip_scale,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        resolution=args.resolution,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        shard=shard,
+        progress=not args.no_progress,
+        contact_sheets=not args.no_contact_sheets,
+        model_identity=model_identity(args),
+    )
     print(
         f"shard {shard[0]}/{shard[1]}: {len(result.generated)} generated, {result.skipped} already present "
         f"({result.shard_items} of {result.total_items} items in this shard); "
@@ -373,4 +375,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("generate", main))

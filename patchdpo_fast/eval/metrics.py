@@ -64,11 +64,16 @@ ImageLike = Image.Image | str | os.PathLike
 
 
 def load_rgb(image: ImageLike) -> Image.Image:
-    """A PIL RGB image from a PIL image or a path."""
+    """A PIL RGB image from a PIL image or a path.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or unreadable file (the message names it).
+    """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    with Image.open(image) as img:
-        return img.convert("RGB")
+    from patchdpo_fast.data.files import load_pil
+
+    return load_pil(image)
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

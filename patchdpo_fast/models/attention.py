@@ -5,10 +5,11 @@ IP-Adapter conditions a frozen UNet on image-prompt tokens appended to the text 
     encoder_hidden_states = cat[text tokens (B, T, C), ip tokens (B, N, C)]
     out = Attn(q, K_text, V_text) + scale * Attn(q, to_k_ip(ip), to_v_ip(ip))
 
-Only ``to_k_ip`` / ``to_v_ip`` (no bias) are new parameters. For DPO each :class:`IPAttnProcessor` also keeps a
-frozen *reference* copy of those two projections (``ref_k_ip`` / ``ref_v_ip``); when asked to (``use_reference``)
-it runs the same frozen attention layer with the reference weights, so the DPO reference model costs one extra
-copy of the adapter weights, never a second UNet.
+Only ``to_k_ip`` / ``to_v_ip`` (no bias) are new parameters. For DPO an :class:`IPAttnProcessor` built with
+``reference=True`` also keeps a frozen *reference* copy of those two projections (``ref_k_ip`` / ``ref_v_ip``); when
+asked to (``use_reference``) it runs the same frozen attention layer with the reference weights, so the DPO
+reference model costs one extra copy of the adapter weights, never a second UNet. Without a DPO loss nothing needs
+the copy: ``reference=False`` (or :meth:`IPAttnProcessor.disable_reference`) leaves it out.
 
 The attention kernel is chosen by name (:data:`ATTENTION_BACKENDS`):
 
@@ -267,7 +268,7 @@ class AttnProcessor(_ProcessorBase):
 
 
 class IPAttnProcessor(_ProcessorBase, nn.Module):
-    """Decoupled IP-Adapter cross-attention processor with a frozen reference copy of its K/V projections.
+    """Decoupled IP-Adapter cross-attention processor, optionally with a frozen reference copy of its K/V weights.
 
     ``encoder_hidden_states`` must be ``cat[text tokens, ip tokens]`` along the sequence with exactly
     ``num_tokens`` IP tokens last.
@@ -280,9 +281,11 @@ class IPAttnProcessor(_ProcessorBase, nn.Module):
         backend: attention backend name.
         xformers_fallback: see :func:`resolve_backend`.
         init_k, init_v: initial K/V projection weights ``(hidden_size, cross_attention_dim)`` (random otherwise).
-        dtype, device: of the four projections.
+        dtype, device: of the projections.
+        reference: also keep a frozen reference copy of the initial K/V weights (for the DPO losses).
 
-    Trainable: ``to_k_ip.weight``, ``to_v_ip.weight``. Frozen: ``ref_k_ip.weight``, ``ref_v_ip.weight``.
+    Trainable: ``to_k_ip.weight``, ``to_v_ip.weight``. Frozen, when there is a reference: ``ref_k_ip.weight``,
+    ``ref_v_ip.weight`` (``None`` otherwise).
     """
 
     def __init__(
@@ -297,6 +300,7 @@ class IPAttnProcessor(_ProcessorBase, nn.Module):
         init_v: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        reference: bool = True,
     ) -> None:
         nn.Module.__init__(self)
         self.hidden_size = hidden_size
@@ -309,12 +313,35 @@ class IPAttnProcessor(_ProcessorBase, nn.Module):
         shape = (cross_attention_dim, hidden_size)
         self.to_k_ip = _linear(*shape, init_k, dtype, device)
         self.to_v_ip = _linear(*shape, init_v, dtype, device)
-        self.ref_k_ip = _linear(*shape, self.to_k_ip.weight.detach(), dtype, device).requires_grad_(False)
-        self.ref_v_ip = _linear(*shape, self.to_v_ip.weight.detach(), dtype, device).requires_grad_(False)
+        self.ref_k_ip: nn.Linear | None = None
+        self.ref_v_ip: nn.Linear | None = None
+        if reference:
+            self.enable_reference()
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the frozen reference K/V copies exist."""
+        return self.ref_k_ip is not None
+
+    def enable_reference(self) -> None:
+        """Create the frozen reference copies from the current (policy) K/V weights; a no-op if they exist."""
+        if self.ref_k_ip is None:
+            for name, policy in (("ref_k_ip", self.to_k_ip), ("ref_v_ip", self.to_v_ip)):
+                w = policy.weight
+                layer = _linear(policy.in_features, policy.out_features, w.detach(), w.dtype, w.device)
+                setattr(self, name, layer.requires_grad_(False))
+
+    def disable_reference(self) -> None:
+        """Drop the reference copies (their memory is freed unless something else holds them)."""
+        self.ref_k_ip = None
+        self.ref_v_ip = None
+        self.use_reference = False
 
     @torch.no_grad()
     def sync_reference(self) -> None:
         """Copy the current (policy) K/V weights into the frozen reference copies."""
+        if self.ref_k_ip is None or self.ref_v_ip is None:
+            raise RuntimeError("this IP processor has no reference copy (built with reference=False)")
         self.ref_k_ip.weight.copy_(self.to_k_ip.weight)
         self.ref_v_ip.weight.copy_(self.to_v_ip.weight)
 
@@ -353,6 +380,11 @@ class IPAttnProcessor(_ProcessorBase, nn.Module):
             text = attn.norm_encoder_hidden_states(text)
         out = self._text_attention(attn, query, text, attention_mask)
 
+        if use_ref and (self.ref_k_ip is None or self.ref_v_ip is None):
+            raise RuntimeError(
+                "use_reference=True, but this IP-Adapter has no reference copy (it is built only for the DPO losses: "
+                "reference=True / enable_reference())"
+            )
         k_proj, v_proj = (self.ref_k_ip, self.ref_v_ip) if use_ref else (self.to_k_ip, self.to_v_ip)
         ip = ip.to(k_proj.weight.dtype)
         ip_key = _split_heads(k_proj(ip).to(query.dtype), attn.heads)

@@ -1,8 +1,9 @@
 """Build the IP-Adapter-Plus / SDXL model bundle that PatchDPO training needs, tiny or pretrained.
 
 :func:`build_models` returns a :class:`PatchDPOModels` with the frozen encoders, the noise scheduler and an
-:class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet` (frozen UNet + trainable adapter + frozen reference
-adapter). Nothing downloads: pretrained components load from local folders with ``local_files_only=True``.
+:class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet` (frozen UNet + trainable adapter + the frozen reference
+adapter when ``reference=True``, as the DPO losses need). Nothing downloads: pretrained components load from local
+folders with ``local_files_only=True``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ip_adapter import IPAdapterUNet, read_ip_adapter_file
+from .pixel_space import PixelSpaceAutoencoder, is_pixel_space_folder
 from .resampler import Resampler, resampler_config_from_state_dict
 from .tiny import TINY_RESAMPLER, build_tiny_components
 
@@ -47,21 +49,25 @@ class PatchDPOModels:
     """Everything the PatchDPO training loop needs from the model side.
 
     Frozen: ``vae`` (always fp32), ``text_encoder``, ``text_encoder_2``, ``image_encoder`` and the UNet inside
-    ``ip_unet``. Trainable: the IP K/V projections (and the resampler when ``ip_unet.train_resampler``).
+    ``ip_unet``. Trainable: the IP K/V projections (plus the resampler when ``ip_unet.train_resampler``, the UNet
+    when ``ip_unet.train_unet``).
     Wrap ``ip_unet`` for distributed training and call it with :meth:`predict_noise`'s arguments.
+    :meth:`release_encoders` drops the VAE and the encoders once nothing needs them (an input cache serves every
+    input); they are ``None`` afterwards.
     """
 
     ip_unet: IPAdapterUNet
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: CLIPTextModelWithProjection | None
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
-    image_encoder: CLIPVisionModelWithProjection
+    image_encoder: CLIPVisionModelWithProjection | None
     noise_scheduler: DDPMScheduler
     image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
     image_std: tuple[float, float, float] = CLIP_IMAGE_STD
     weight_dtype: torch.dtype = torch.float32
+    encoders_released: bool = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -81,8 +87,8 @@ class PatchDPOModels:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixel-to-latent downsampling factor (8 for SDXL and for the tiny VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixel-to-latent downsampling factor (8 for SDXL and for the tiny VAE, ``f`` in pixel space)."""
+        return 2 ** (len(self._encoder("vae").config.block_out_channels) - 1)
 
     @property
     def num_ip_tokens(self) -> int:
@@ -92,7 +98,26 @@ class PatchDPOModels:
     @property
     def image_size(self) -> int:
         """Input resolution of the CLIP image encoder."""
-        return int(self.image_encoder.config.image_size)
+        return int(self._encoder("image_encoder").config.image_size)
+
+    # ------------------------------------------------------------------ releasing the encoders
+    def release_encoders(self) -> None:
+        """Drop the VAE, both text encoders and the image encoder (the tokenizers and the UNet stay).
+
+        For training from an input cache that serves every input: their weights are freed as soon as nothing else
+        holds them (on the CPU as on an accelerator). The ``encode_*`` / ``decode_latents`` methods raise afterwards.
+        """
+        self.vae = self.text_encoder = self.text_encoder_2 = self.image_encoder = None
+        self.encoders_released = True
+
+    def _encoder(self, name: str) -> torch.nn.Module:
+        module = getattr(self, name)
+        if module is None:
+            raise RuntimeError(
+                f"the {name} was released (PatchDPOModels.release_encoders: the input cache serves every input); "
+                "build the models again to encode"
+            )
+        return module
 
     # ------------------------------------------------------------------ encoders (no gradients)
     @torch.no_grad()
@@ -103,8 +128,8 @@ class PatchDPOModels:
 
         The VAE runs in fp32. ``sample`` draws from the posterior (as SDXL training does); ``False`` takes its mode.
         """
-        vae_param = self.vae.encoder.conv_in.weight
-        dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
+        vae = self._encoder("vae")
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = dist.sample(generator) if sample else dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
@@ -112,10 +137,10 @@ class PatchDPOModels:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode_images`: scaled latents -> images in ``[-1, 1]`` (fp32)."""
-        vae_param = self.vae.decoder.conv_in.weight
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents.to(vae_param.device, vae_param.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents).sample.float()
+        vae = self._encoder("vae")
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(latents).sample.float()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +152,8 @@ class PatchDPOModels:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        for name in ("text_encoder", "text_encoder_2"):
+            self._encoder(name)  # raises if released
         hidden: list[torch.Tensor] = []
         pooled = None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -162,7 +189,7 @@ class PatchDPOModels:
         Resizes the shorter side to the encoder's image size (bicubic, antialiased), center-crops, normalizes with
         the CLIP mean/std and returns the penultimate hidden states ``(B, 1 + patches, hidden)``.
         """
-        size = self.image_size
+        size = self.image_size  # raises if the image encoder was released
         param = self.image_encoder.vision_model.embeddings.patch_embedding.weight
         x = pixels.to(param.device, torch.float32)
         h, w = x.shape[-2:]
@@ -176,6 +203,18 @@ class PatchDPOModels:
         std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
         x = ((x.clamp(0, 1) - mean) / std).to(param.dtype)
         return self.image_encoder(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+
+    @torch.no_grad()
+    def null_image_features(self, batch: int = 1) -> torch.Tensor:
+        """Image features of the dropped image prompt: the encoder on an all-zero (already normalized) input.
+
+        This is IP-Adapter(-Plus)'s convention for image-prompt dropout in training and for the unconditional branch
+        of classifier-free guidance; training and generation both use it.
+        """
+        size = self.image_size
+        param = self.image_encoder.vision_model.embeddings.patch_embedding.weight
+        zeros = torch.zeros(batch, 3, size, size, device=param.device, dtype=param.dtype)
+        return self.image_encoder(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
 
     # ------------------------------------------------------------------ denoiser
     def predict_noise(
@@ -224,26 +263,32 @@ class PatchDPOModels:
         """Switch the UNet's attention backend (``sdpa``/``xformers``/``eager``); returns the backend in use."""
         return self.ip_unet.set_attention_backend(backend, xformers_fallback)
 
-    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write the policy adapter as a stock-diffusers-loadable IP-Adapter-Plus safetensors file."""
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> Path:
+        """Write the policy adapter as a stock-diffusers-loadable IP-Adapter-Plus safetensors file (fp16 by default;
+        see :meth:`IPAdapterUNet.export_ip_adapter`)."""
         return self.ip_unet.export_ip_adapter(path, dtype=dtype)
 
     def load_ip_adapter_weights(self, path: str | os.PathLike, update_reference: bool = True) -> None:
         """Load an IP-Adapter-Plus file (``.safetensors`` or official ``.bin``) into the adapter."""
         self.ip_unet.load_ip_adapter_weights(path, update_reference=update_reference)
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter training checkpoint (policy + reference tensors)."""
-        return self.ip_unet.adapter_state_dict()
+    def export_unet(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the UNet (without the IP processors) as a stock diffusers ``unet/`` folder."""
+        return self.ip_unet.export_unet(folder, dtype=dtype)
 
-    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Load :meth:`adapter_state_dict` output."""
-        self.ip_unet.load_adapter_state_dict(state_dict, strict=strict)
+    def adapter_state_dict(self, include_reference: bool = False) -> dict[str, torch.Tensor]:
+        """Adapter training checkpoint (policy tensors; see :meth:`IPAdapterUNet.adapter_state_dict`)."""
+        return self.ip_unet.adapter_state_dict(include_reference=include_reference)
+
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> bool:
+        """Load :meth:`adapter_state_dict` output; returns whether reference weights were in it (and loaded)."""
+        return self.ip_unet.load_adapter_state_dict(state_dict, strict=strict)
 
     def to(self, device: str | torch.device) -> PatchDPOModels:
         """Move every module to ``device`` (dtypes unchanged); returns ``self``."""
         for module in (self.ip_unet, self.vae, self.text_encoder, self.text_encoder_2, self.image_encoder):
-            module.to(device)
+            if module is not None:
+                module.to(device)
         return self
 
 
@@ -284,8 +329,10 @@ def _pretrained_components(
     unet = UNet2DConditionModel.from_pretrained(
         root, subfolder="unet", torch_dtype=weight_dtype, variant=variant, **common
     )
-    if vae_path is not None:
-        vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)")
+    vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)") if vae_path is not None else root / "vae"
+    if is_pixel_space_folder(vae_dir):
+        vae = PixelSpaceAutoencoder.from_config(PixelSpaceAutoencoder.load_config(vae_dir))
+    elif vae_path is not None:
         vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, **common)
     else:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant, **common)
@@ -330,6 +377,8 @@ def build_models(
     resampler_heads: int | None = None,
     resampler_depth: int = 4,
     gradient_checkpointing: bool = False,
+    train_unet: bool = False,
+    reference: bool = True,
 ) -> PatchDPOModels:
     """Build IP-Adapter-Plus on SDXL for PatchDPO training.
 
@@ -353,6 +402,10 @@ def build_models(
         num_ip_tokens, resampler_dim, resampler_heads, resampler_depth: resampler shape when no ``ip_adapter_path``
             is given (defaults: 16 tokens; width 1280 / 20 heads pretrained, 32 / 2 heads tiny; depth 4).
         gradient_checkpointing: enable activation checkpointing in the UNet.
+        train_unet: also train the UNet's own weights (full finetuning; the UNet is kept in fp32 then, whatever
+            ``weight_dtype``, as trainable master weights are).
+        reference: build the frozen reference adapter (a copy of the initial adapter) that the DPO losses need;
+            the trainer passes ``False`` for the other losses.
 
     Raises:
         FileNotFoundError: a given folder or file does not exist (the message names it).
@@ -380,6 +433,8 @@ def build_models(
         if tiny and weight_dtype != torch.float32:
             for module in (unet, text_encoder, text_encoder_2, image_encoder):
                 module.to(weight_dtype)
+        if train_unet and unet.dtype != torch.float32:
+            unet.to(torch.float32)
         for module in (unet, vae, text_encoder, text_encoder_2, image_encoder):
             module.requires_grad_(False)
             module.eval()
@@ -415,6 +470,8 @@ def build_models(
             attention_backend=attention_backend,
             xformers_fallback=xformers_fallback,
             ip_scale=ip_scale,
+            train_unet=train_unet,
+            reference=reference,
         )
     if adapter_groups is not None:
         ip_unet.load_ip_adapter_weights(adapter_groups, update_reference=True)

@@ -1,9 +1,10 @@
-"""IP-Adapter-Plus around a frozen diffusers ``UNet2DConditionModel``, with a DPO reference copy of the adapter.
+"""IP-Adapter-Plus around a frozen diffusers ``UNet2DConditionModel``, with an optional DPO reference adapter.
 
 :class:`IPAdapterUNet` is one ``nn.Module`` holding the (frozen) UNet with :class:`IPAttnProcessor` s installed in
-its cross-attention layers, the trainable :class:`Resampler` (``image_proj``) and, when the resampler trains, a
-frozen reference copy of it (``ref_image_proj``). Wrap this module with accelerate / DeepSpeed; its ``forward``
-predicts the noise.
+its cross-attention layers and the trainable :class:`Resampler` (``image_proj``). With ``reference=True`` (what the
+DPO losses need) it also holds the frozen reference adapter: a copy of every IP K/V projection and, when the
+resampler trains, of the resampler (``ref_image_proj``). Wrap this module with accelerate / DeepSpeed; its
+``forward`` predicts the noise.
 
 File format (``export_ip_adapter`` / ``load_ip_adapter_weights``) is the one of the official IP-Adapter-Plus
 checkpoints and of stock diffusers' ``load_ip_adapter``: ``image_proj.<resampler key>`` and
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import hashlib
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from patchdpo_fast.utils import write_safetensors
 
 from .attention import AttnProcessor, IPAttnProcessor, resolve_backend
 from .resampler import Resampler, resampler_config_from_state_dict
@@ -42,6 +46,11 @@ def cross_attention_processor_names(unet: nn.Module) -> list[str]:
     (and is not in a motion module).
     """
     return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
+
+
+def _is_processor_key(name: str) -> bool:
+    """Whether a UNet parameter/state-dict key belongs to an installed attention processor (our IP weights)."""
+    return ".processor." in name
 
 
 def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
@@ -83,43 +92,43 @@ def write_ip_adapter_file(
     path: str | os.PathLike,
     image_proj: Mapping[str, torch.Tensor],
     ip_adapter: Mapping[str, torch.Tensor],
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = torch.float16,
 ) -> Path:
-    """Write ``image_proj.*`` and ``ip_adapter.*`` tensors atomically to one safetensors file."""
-    from safetensors.torch import save_file
+    """Write ``image_proj.*`` and ``ip_adapter.*`` tensors atomically to one safetensors file.
 
+    Args:
+        path: target ``.safetensors`` file.
+        image_proj, ip_adapter: the two groups of tensors (any device).
+        dtype: cast the floating-point tensors on the way out: ``torch.float16`` (default, like the official
+            IP-Adapter files: half the size of fp32), ``torch.bfloat16``, ``torch.float32``, or ``None`` to keep
+            each tensor's dtype. Tensors are written one at a time, so the export holds at most one converted
+            tensor, never a copy of the whole adapter.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"export path must end in .safetensors, got {path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, group in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
-        for key, value in group.items():
-            t = value.detach().to("cpu", dtype=dtype or value.dtype).contiguous().clone()
-            tensors[f"{prefix}.{key}"] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    tensors = {f"{prefix}.{key}": value for prefix, group in (("image_proj", image_proj), ("ip_adapter", ip_adapter))
+               for key, value in group.items()}  # fmt: skip
+    return write_safetensors(tensors, path, metadata={"format": "pt"}, dtype=dtype)
 
 
 class IPAdapterUNet(nn.Module):
-    """A frozen SDXL UNet with IP-Adapter-Plus processors, the resampler and the DPO reference adapter.
+    """A frozen SDXL UNet with IP-Adapter-Plus processors, the resampler and (optionally) the DPO reference adapter.
 
     Args:
         unet: a diffusers ``UNet2DConditionModel``; its processors are replaced in place and its weights frozen.
         resampler: the ``image_proj`` resampler (kept in its own dtype, fp32 recommended).
-        train_resampler: train the resampler too (and keep a frozen reference copy of it).
+        train_resampler: train the resampler too (and, with ``reference``, keep a frozen reference copy of it).
+        train_unet: also train the UNet's own weights (full finetuning, e.g. to pretrain a model from scratch). The
+            reference adapter would then run on the *trained* UNet, so it is no DPO reference model: a forward with
+            ``use_reference=True`` raises.
         attention_backend: ``"sdpa"``, ``"xformers"`` or ``"eager"`` for every attention layer of the UNet.
         xformers_fallback: fall back to ``"sdpa"`` with a warning (True) or raise (False) if xformers is unusable.
         ip_scale: weight of the image branch in every IP processor.
         adapter_dtype: dtype of the IP K/V projections (fp32 master weights by default).
+        reference: keep a frozen reference copy of the initial adapter, as the DPO losses need (``forward`` with
+            ``use_reference=True``). The other losses never read it: ``False`` saves one adapter of memory
+            (1.36 GB for SDXL in fp32). :meth:`enable_reference` / :meth:`disable_reference` change it later.
 
     The K/V projections start as copies of each layer's text ``to_k`` / ``to_v`` weights (as the original
     IP-Adapter training does); load pretrained adapter weights with :meth:`load_ip_adapter_weights`.
@@ -134,6 +143,8 @@ class IPAdapterUNet(nn.Module):
         xformers_fallback: bool = True,
         ip_scale: float = 1.0,
         adapter_dtype: torch.dtype = torch.float32,
+        train_unet: bool = False,
+        reference: bool = True,
     ) -> None:
         super().__init__()
         cross_dim = unet.config.cross_attention_dim
@@ -145,7 +156,9 @@ class IPAdapterUNet(nn.Module):
         self.unet = unet
         self.image_proj = resampler
         self.train_resampler = train_resampler
+        self.train_unet = train_unet
         self.ref_image_proj: Resampler | None = None
+        self._reference = bool(reference)
         self._use_reference = False
         self._ip_names = cross_attention_processor_names(unet)
 
@@ -168,6 +181,7 @@ class IPAdapterUNet(nn.Module):
                     init_v=attn.to_v.weight.detach(),
                     dtype=adapter_dtype,
                     device=attn.to_k.weight.device,
+                    reference=self._reference,
                 )
                 processors[name] = proc
             else:
@@ -192,10 +206,15 @@ class IPAdapterUNet(nn.Module):
         for proc in self.ip_processors.values():
             proc.to_k_ip.requires_grad_(True)
             proc.to_v_ip.requires_grad_(True)
-            proc.ref_k_ip.requires_grad_(False)
-            proc.ref_v_ip.requires_grad_(False)
+            if proc.has_reference:
+                proc.ref_k_ip.requires_grad_(False)
+                proc.ref_v_ip.requires_grad_(False)
+        if self.train_unet:
+            for name, param in self.unet.named_parameters():
+                if not _is_processor_key(name):
+                    param.requires_grad_(True)
         self.image_proj.requires_grad_(self.train_resampler)
-        if self.train_resampler:
+        if self.train_resampler and self._reference:
             if self.ref_image_proj is None:
                 self.ref_image_proj = copy.deepcopy(self.image_proj)
             self.ref_image_proj.requires_grad_(False)
@@ -238,9 +257,78 @@ class IPAdapterUNet(nn.Module):
         self.unet.disable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ reference
+    @property
+    def has_reference(self) -> bool:
+        """Whether the frozen reference adapter exists (built for the DPO losses)."""
+        return self._reference
+
+    def enable_reference(self) -> None:
+        """Build the frozen reference adapter as a copy of the current policy adapter (a no-op if it exists)."""
+        if self._reference:
+            return
+        self._reference = True
+        for proc in self.ip_processors.values():
+            proc.enable_reference()
+        self._set_trainable()
+
+    def disable_reference(self) -> None:
+        """Drop the reference adapter; ``use_reference=True`` then raises until :meth:`enable_reference`."""
+        self._set_reference_flag(False)
+        self._reference = False
+        for proc in self.ip_processors.values():
+            proc.disable_reference()
+        self.ref_image_proj = None
+
+    def _require_reference(self) -> None:
+        if not self._reference:
+            raise RuntimeError(
+                "this IP-Adapter has no reference adapter: it is built only for the DPO losses (patch_dpo, "
+                "diffusion_dpo); pass reference=True or call enable_reference()"
+            )
+
+    def reference_state_dict(self) -> dict[str, torch.Tensor]:
+        """The reference adapter's tensors (detached, not copied): ``ref_image_proj.*`` when the resampler trains and
+        ``ip_adapter.{k}.ref_k_ip.weight`` / ``ref_v_ip.weight``; empty without a reference."""
+        out: dict[str, torch.Tensor] = {}
+        if self.ref_image_proj is not None:
+            out.update({f"ref_image_proj.{k}": v.detach() for k, v in self.ref_image_proj.state_dict().items()})
+        for i, proc in enumerate(self.ip_processors.values()):
+            if proc.has_reference:
+                for name in ("ref_k_ip", "ref_v_ip"):
+                    out[f"ip_adapter.{2 * i + 1}.{name}.weight"] = getattr(proc, name).weight.detach()
+        return out
+
+    def reference_parameters(self) -> list[nn.Parameter]:
+        """The frozen reference adapter's parameters (empty without a reference)."""
+        params = [] if self.ref_image_proj is None else list(self.ref_image_proj.parameters())
+        for proc in self.ip_processors.values():
+            if proc.has_reference:
+                params += [proc.ref_k_ip.weight, proc.ref_v_ip.weight]
+        return params
+
+    def reference_fingerprint(self) -> str | None:
+        """SHA-256 of the reference adapter (names, dtypes, shapes and bytes of :meth:`reference_state_dict`).
+
+        Checkpoints store it instead of the reference weights: the reference is the initial adapter, which a resumed
+        run rebuilds from its configuration, and the fingerprint proves it rebuilt the same one. ``None`` without a
+        reference. Tensors on an accelerator are brought to the host one at a time.
+        """
+        if not self._reference:
+            return None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.reference_state_dict().items()):
+            data = tensor.to("cpu").contiguous()
+            digest.update(f"{name}|{data.dtype!s}|{tuple(data.shape)}|".encode())
+            if data.numel():
+                raw = (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
+                digest.update(memoryview(raw))
+            del data
+        return digest.hexdigest()
+
     @torch.no_grad()
     def sync_reference(self) -> None:
         """Make the frozen reference adapter equal to the current (policy) adapter."""
+        self._require_reference()
         for proc in self.ip_processors.values():
             proc.sync_reference()
         if self.ref_image_proj is not None:
@@ -249,6 +337,8 @@ class IPAdapterUNet(nn.Module):
     @contextlib.contextmanager
     def reference_mode(self, enabled: bool = True) -> Iterator[None]:
         """Context manager: inside it, forward passes (and direct UNet calls) use the reference adapter."""
+        if enabled:
+            self._require_reference()
         previous = self._use_reference
         self._set_reference_flag(enabled)
         try:
@@ -291,6 +381,13 @@ class IPAdapterUNet(nn.Module):
         """
         if use_reference is None:
             use_reference = self._use_reference
+        if use_reference and self.train_unet:
+            raise RuntimeError(
+                "the UNet trains (train_unet=True), so the reference adapter on it is not a frozen reference model; "
+                "DPO losses are not available in this mode"
+            )
+        if use_reference:
+            self._require_reference()
         grad_ctx = torch.no_grad() if use_reference else contextlib.nullcontext()
         dtype = self.unet.conv_in.weight.dtype
         with grad_ctx:
@@ -316,12 +413,14 @@ class IPAdapterUNet(nn.Module):
             ip_adapter[f"{k}.to_v_ip.weight"] = proc.to_v_ip.weight.detach()
         return image_proj, ip_adapter
 
-    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    def export_ip_adapter(self, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> Path:
         """Write the policy adapter as one safetensors file loadable by stock diffusers' ``load_ip_adapter``.
 
         Args:
             path: target ``.safetensors`` file (written atomically: temp file + ``os.replace``).
-            dtype: cast the tensors (e.g. ``torch.float16`` like the official files); ``None`` keeps them.
+            dtype: dtype of the file: ``torch.float16`` (default, like the official files), ``torch.bfloat16``,
+                ``torch.float32`` for the exact fp32 master weights, or ``None`` to keep each tensor's dtype.
+                The tensors are converted one at a time (no copy of the whole adapter).
         """
         image_proj, ip_adapter = self.ip_adapter_state_dicts()
         return write_ip_adapter_file(path, image_proj, ip_adapter, dtype=dtype)
@@ -336,7 +435,7 @@ class IPAdapterUNet(nn.Module):
 
         Args:
             source: a file path or an already read ``{"image_proj": ..., "ip_adapter": ...}`` dict.
-            update_reference: also make the frozen reference adapter equal to the loaded weights.
+            update_reference: also make the frozen reference adapter (if there is one) equal to the loaded weights.
         """
         groups = read_ip_adapter_file(source) if isinstance(source, (str, os.PathLike)) else source
         image_proj = dict(groups["image_proj"])
@@ -368,36 +467,89 @@ class IPAdapterUNet(nn.Module):
                         f"expected {tuple(target.weight.shape)}"
                     )
                 target.weight.copy_(value)
-        if update_reference:
+        if update_reference and self._reference:
             self.sync_reference()
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Training checkpoint of the adapter: policy and reference weights (tensors only, detached).
+    def unet_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's own weights (detached), without the IP processors': the keys of a stock diffusers UNet."""
+        return {k: v.detach() for k, v in self.unet.state_dict().items() if not _is_processor_key(k)}
 
-        Keys: ``image_proj.*``, ``ref_image_proj.*`` (only when the resampler trains) and
-        ``ip_adapter.{k}.{to_k_ip,to_v_ip,ref_k_ip,ref_v_ip}.weight``.
+    @torch.no_grad()
+    def load_unet_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`unet_state_dict` output (strict: every key, matching shapes)."""
+        ours = self.unet_state_dict()
+        missing = sorted(set(ours) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(ours))
+        if missing or unexpected:
+            raise KeyError(f"UNet state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for key, target in ours.items():
+            value = state_dict[key]
+            if value.shape != target.shape:
+                raise ValueError(f"unet {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
+            target.copy_(value)
+
+    def export_unet(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the UNet as a stock diffusers ``unet/`` folder (``config.json`` + safetensors weights).
+
+        The IP processors are left out (they go into the IP-Adapter file), so
+        ``UNet2DConditionModel.from_pretrained(folder)`` loads it without warnings. The folder is written next to
+        its final place and renamed into it, replacing an older export.
+        """
+        from patchdpo_fast.utils import atomic_write_dir, set_default_permissions
+
+        tensors = {k: v.to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.unet_state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            from safetensors.torch import save_file
+
+            self.unet.save_config(tmp)
+            save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            set_default_permissions(tmp / "diffusion_pytorch_model.safetensors")  # safetensors writes 0600
+
+        return atomic_write_dir(folder, write)
+
+    def adapter_state_dict(self, include_reference: bool = False) -> dict[str, torch.Tensor]:
+        """Training checkpoint of the adapter: the policy weights (tensors only, detached, not copied).
+
+        Keys: ``image_proj.*`` and ``ip_adapter.{k}.{to_k_ip,to_v_ip}.weight``. The reference adapter is the initial
+        adapter and is left out (checkpoints record its :meth:`reference_fingerprint`); ``include_reference`` adds
+        :meth:`reference_state_dict`'s keys.
         """
         out = {f"image_proj.{k}": v.detach() for k, v in self.image_proj.state_dict().items()}
-        if self.ref_image_proj is not None:
-            out.update({f"ref_image_proj.{k}": v.detach() for k, v in self.ref_image_proj.state_dict().items()})
         for i, proc in enumerate(self.ip_processors.values()):
             k = 2 * i + 1
-            for name in ("to_k_ip", "to_v_ip", "ref_k_ip", "ref_v_ip"):
+            for name in ("to_k_ip", "to_v_ip"):
                 out[f"ip_adapter.{k}.{name}.weight"] = getattr(proc, name).weight.detach()
+        if include_reference:
+            out.update(self.reference_state_dict())
         return out
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Load :meth:`adapter_state_dict` output. With ``strict``, missing or unexpected keys raise."""
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> bool:
+        """Load :meth:`adapter_state_dict` output.
+
+        Reference keys (``ref_image_proj.*``, ``*.ref_k_ip.weight``, ``*.ref_v_ip.weight``, as checkpoints before
+        the reference was left out stored them) are loaded into the reference adapter when there is one and
+        ignored otherwise. With ``strict``, missing policy keys and unknown keys raise ``KeyError``.
+
+        Returns:
+            Whether reference weights were loaded.
+        """
         ours = self.adapter_state_dict()
+        reference = self.reference_state_dict()
+        ref_suffixes = (".ref_k_ip.weight", ".ref_v_ip.weight")
+        is_ref = [k for k in state_dict if k.startswith("ref_image_proj.") or k.endswith(ref_suffixes)]
         missing = sorted(set(ours) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(ours))
+        unexpected = sorted(set(state_dict) - set(ours) - set(is_ref))
         if strict and (missing or unexpected):
             raise KeyError(f"adapter state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        for key, target in ours.items():
+        loaded_reference = False
+        for key, target in (*ours.items(), *reference.items()):
             if key not in state_dict:
                 continue
             value = state_dict[key]
             if value.shape != target.shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
             target.copy_(value)
+            loaded_reference |= key in reference
+        return loaded_reference

@@ -15,8 +15,9 @@ the real vocabularies are files we do not have, and for speed and memory only th
 :func:`build_sdxl_models` returns the same :class:`~patchdpo_fast.models.build.PatchDPOModels` as
 :func:`~patchdpo_fast.models.build.build_models` and assembles it the same way (frozen, eval-mode encoders; a fp32
 Resampler of IP-Adapter-Plus's SDXL shape; :class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet` with the fp32
-trainable adapter and its frozen reference copy). Components are created directly on ``device`` (on a GPU the
-random initialization takes seconds; on the CPU the 2.6 B-parameter UNet takes much longer and ~10 GiB of RAM).
+trainable adapter and, for the DPO losses, its frozen reference copy). Components are created directly on ``device``
+(on a GPU the random initialization takes seconds; on the CPU the 2.6 B-parameter UNet takes much longer and ~10 GiB
+of RAM).
 """
 
 from __future__ import annotations
@@ -206,13 +207,14 @@ def assemble_models(
     num_ip_tokens: int = 16,
     resampler: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    reference: bool = True,
 ) -> PatchDPOModels:
     """A :class:`PatchDPOModels` from already built components, assembled as ``build_models`` assembles its own.
 
     Freezes the components (eval mode), creates the fp32 Resampler (``resampler`` overrides :data:`SDXL_RESAMPLER`;
     seeded with ``seed + 5`` like ``build_models``) on the UNet's device, installs the IP processors (fp32
-    adapter initialized from each layer's ``to_k`` / ``to_v``, plus the frozen reference copy) and optionally
-    enables gradient checkpointing. ``weight_dtype`` is recorded on the bundle; it does not cast anything.
+    adapter initialized from each layer's ``to_k`` / ``to_v``, plus the frozen reference copy when ``reference``) and
+    optionally enables gradient checkpointing. ``weight_dtype`` is recorded on the bundle; it does not cast anything.
     """
     unet, image_encoder = components["unet"], components["image_encoder"]
     for key in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
@@ -240,6 +242,7 @@ def assemble_models(
             attention_backend=attention_backend,
             xformers_fallback=xformers_fallback,
             ip_scale=ip_scale,
+            reference=reference,
         )
     ip_unet.eval()
     if gradient_checkpointing:

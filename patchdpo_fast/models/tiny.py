@@ -119,18 +119,21 @@ def _byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def write_tiny_clip_tokenizer_files(folder: str | os.PathLike, model_max_length: int = 77) -> Path:
+def write_tiny_clip_tokenizer_files(
+    folder: str | os.PathLike, model_max_length: int = 77, words: tuple[str, ...] | None = None
+) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a tiny CLIP BPE tokenizer.
 
     The vocabulary holds every byte symbol (with and without the ``</w>`` end-of-word marker), the merges that
-    spell a few prompt words, and the CLIP special tokens last; ids stay below 1000.
+    spell ``words`` (default: a few prompt words) as single tokens, and the CLIP special tokens last; with the
+    default words the ids stay below 1000.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
-    for word in _TINY_WORDS:
+    for word in words if words is not None else _TINY_WORDS:
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
             merge = f"{parts[0]} {parts[1]}"

@@ -1,7 +1,9 @@
 """Public functional API of the PatchDPO loss family.
 
-Each loss validates its inputs, picks a backend (``"auto"``: the fused Triton kernels for CUDA tensors and
-under ``TRITON_INTERPRET=1``, the PyTorch reference otherwise) and returns a :class:`PatchLossOutput`.
+Each loss validates its inputs (shapes, dtypes, devices, ``beta`` a real number in ``(0, MAX_BETA]``, finite patch
+weights; quality maps in [0, 1] for :func:`patchdpo_weights`), picks a backend (``"auto"``: the fused Triton kernels
+for CUDA tensors and under ``TRITON_INTERPRET=1``, the PyTorch reference otherwise) and returns a
+:class:`PatchLossOutput`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,17 @@ from __future__ import annotations
 import torch
 
 from patchdpo_fast.ops import reference
-from patchdpo_fast.ops.autograd import FusedPatchLoss
+from patchdpo_fast.ops.autograd import FusedPatchLoss, one_pass_eligible
 from patchdpo_fast.ops.dispatch import resolve_backend
 from patchdpo_fast.ops.types import PatchLossOutput
-from patchdpo_fast.ops.validation import check_beta, check_finite_inputs, check_loss_inputs, check_quality_maps
+from patchdpo_fast.ops.validation import (
+    check_beta,
+    check_finite_inputs,
+    check_loss_inputs,
+    check_quality_maps,
+    check_quality_values,
+    check_weight_finite,
+)
 
 __all__ = ["diffusion_dpo_loss", "patch_dpo_loss", "patch_weighted_mse", "patchdpo_weights"]
 
@@ -25,9 +34,11 @@ def _fused(
     beta: float,
     is_dpo: bool,
 ) -> PatchLossOutput:
+    # The MSE gradient needs no reduction first: when one is wanted, the forward kernel writes it in the same pass.
+    one_pass = one_pass_eligible(pred, is_dpo)
     loss, model_err, model_mse, ref_err, log_ratio, acc = FusedPatchLoss.apply(
         pred, target.detach(), None if ref_pred is None else ref_pred.detach(),
-        None if weight is None else weight.detach(), beta, is_dpo,
+        None if weight is None else weight.detach(), beta, is_dpo, one_pass,
     )  # fmt: skip
     if not is_dpo:
         return PatchLossOutput(loss=loss, model_err=model_err, model_mse=model_mse)
@@ -52,7 +63,8 @@ def patch_weighted_mse(
         weight: patch weights ``(N, h, w)`` or ``(N, 1, h, w)`` with ``H % h == W % w == 0``, typically
             ``patchdpo_weights(q_ref, q_gen, "official")``; ``None`` gives the plain MSE.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        check_finite: raise a ValueError if any input holds NaN/Inf (costs one device sync).
+        check_finite: raise a ValueError if any input holds NaN/Inf (costs one device sync). The (small) weight
+            map is always checked: a non-finite weight is a ValueError on every backend.
 
     Equals ``mean(W * (pred - target)**2)`` of the official code for a full-resolution ``W`` (``s = 1``).
     """
@@ -60,6 +72,8 @@ def patch_weighted_mse(
     check_loss_inputs(op, pred, target, None, weight, pairs=False)
     if check_finite:
         check_finite_inputs(op, pred=pred, target=target, weight=weight)
+    else:
+        check_weight_finite(op, weight)
     if resolve_backend(op, backend, pred, target, weight) == "triton":
         return _fused(pred, target, None, weight, 0.0, False)
     return reference.patch_weighted_mse_reference(pred, target, weight)
@@ -110,6 +124,8 @@ def patch_dpo_loss(
     beta = check_beta(op, beta)
     if check_finite:
         check_finite_inputs(op, pred=pred, ref_pred=ref_pred, target=target, weight=weight)
+    else:
+        check_weight_finite(op, weight)
     if resolve_backend(op, backend, pred, ref_pred, target, weight) == "triton":
         return _fused(pred, target, ref_pred, weight, beta, True)
     return reference.patch_dpo_loss_reference(pred, ref_pred, target, weight, beta)
@@ -120,8 +136,12 @@ def patchdpo_weights(q_ref: torch.Tensor, q_gen: torch.Tensor, mode: str = "offi
 
     ``mode="official"`` gives ``cat[1 - q_ref, q_gen]`` (for :func:`patch_weighted_mse`); ``mode="dpo"`` gives
     ``cat[1 - q_ref, 1 - 2 * q_gen]`` (for :func:`patch_dpo_loss`).
+
+    Raises:
+        ValueError: maps of the wrong shape or dtype, or values outside [0, 1] or NaN (one device sync).
     """
     check_quality_maps("patchdpo_weights", q_ref, q_gen)
+    check_quality_values("patchdpo_weights", q_ref=q_ref, q_gen=q_gen)
     if q_ref.dim() == 4:
         q_ref, q_gen = q_ref[:, 0], q_gen[:, 0]
     return reference.patchdpo_weights_reference(q_ref, q_gen, mode)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_beta", "check_finite_inputs", "check_loss_inputs", "check_quality_maps"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "MAX_BETA",
+    "check_beta",
+    "check_finite_inputs",
+    "check_loss_inputs",
+    "check_quality_maps",
+    "check_quality_values",
+    "check_weight_finite",
+]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,15 +88,41 @@ def check_loss_inputs(
         )
 
 
+#: Largest accepted DPO temperature. Far above any useful value (Diffusion-DPO uses a few thousand): beyond it the
+#: logsigmoid of ``-beta/2 * D`` is a step function of the float32 rounding of ``D``, and near 3.4e38 beta itself
+#: overflows float32.
+MAX_BETA = 1e8
+
+
 def check_beta(op: str, beta: float) -> float:
-    """``beta`` must be a finite positive number."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: `beta` must be a positive number, got {beta!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{op}: `beta` must be a finite positive number, got {beta!r}")
+    """``beta`` must be a real number (not a bool or a string) in ``(0, MAX_BETA]``; returns it as a float."""
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.dtype != torch.bool:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise ValueError(f"{op}: `beta` must be a real number (float), got {type(beta).__name__} {beta!r}")
+    value = float(beta)
+    if not math.isfinite(value) or value <= 0 or value > MAX_BETA:
+        raise ValueError(f"{op}: `beta` must be a finite number in (0, {MAX_BETA:g}], got {beta!r}")
     return value
+
+
+def check_weight_finite(op: str, weight: torch.Tensor | None) -> None:
+    """Patch weights must be finite (a NaN/Inf weight would give NaN on one backend and Inf on the other)."""
+    if weight is not None and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"{op}: `weight` contains {bad} non-finite value(s) (NaN or Inf); weights must be finite")
+
+
+def check_quality_values(op: str, **maps: torch.Tensor) -> None:
+    """Quality maps must lie in [0, 1] (NaN is refused too); one device sync for all maps."""
+    for name, q in maps.items():
+        bad = (q < 0) | (q > 1) | torch.isnan(q)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{op}: `{name}` holds {int(bad.sum())} value(s) outside [0, 1] or NaN "
+                f"(min {float(q.nan_to_num(0.5).min()):g}, max {float(q.nan_to_num(0.5).max()):g}); quality maps "
+                "are probabilities-like scores in [0, 1]"
+            )
 
 
 def check_finite_inputs(op: str, **tensors: torch.Tensor | None) -> None:

@@ -46,6 +46,7 @@ from patchdpo_fast.quality.backbone import (
     read_preprocessor,
 )
 from patchdpo_fast.quality.matching import patch_match
+from patchdpo_fast.utils import set_default_permissions
 
 __all__ = [
     "CONFIG_NAME",
@@ -302,6 +303,7 @@ class PatchQualityEstimator(nn.Module):
         self.backbone.config.save_pretrained(backbone_dir)
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
         save_file(state, str(backbone_dir / "model.safetensors"), metadata={"format": "pt"})
+        set_default_permissions(backbone_dir / "model.safetensors")  # safetensors writes 0600
         cfg = self.config_dict()
         if extra:
             cfg["extra"] = extra

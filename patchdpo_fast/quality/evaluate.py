@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality.baseline import RawPixelMatcher
 from patchdpo_fast.quality.defects import (
     BENCHMARK_CHANGE,
@@ -57,6 +58,7 @@ from patchdpo_fast.quality.images import (
 )
 from patchdpo_fast.quality.metrics import auroc, average_precision
 from patchdpo_fast.quality.synthetic import ALL_KINDS, TRAIN_KINDS, Corruptions, make_pairs
+from patchdpo_fast.utils import resolve_device
 
 __all__ = [
     "benchmark",
@@ -423,7 +425,7 @@ def _select_subjects(args: argparse.Namespace) -> tuple[list[str] | None, str | 
     if all(all((r / s).is_dir() for s in DREAMBENCH_SPLITS["eval"]) for r in roots):
         return list(DREAMBENCH_SPLITS[split]), split
     if args.split:
-        raise ValueError(
+        raise UserError(
             f"--split {args.split}: the folders are not in the dreambench256 layout; pass --split-file or --subjects"
         )
     return None, None
@@ -448,19 +450,19 @@ def _fmt(res: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.protocol == "grid":
-            kinds = parse_subjects(args.kinds) or list(TRAIN_KINDS)
-            bad = [k for k in kinds if k not in ALL_KINDS]
-            if bad:
-                raise ValueError(f"unknown --kinds {bad}; choose from {', '.join(ALL_KINDS)}")
-        else:
+    if args.protocol == "grid":
+        kinds = parse_subjects(args.kinds) or list(TRAIN_KINDS)
+        bad = [k for k in kinds if k not in ALL_KINDS]
+        if bad:
+            raise UserError(f"unknown --kinds {', '.join(bad)}; choose from {', '.join(ALL_KINDS)}")
+    else:
+        try:
             kinds = list(parse_families(args.kinds))
-        if args.lofo and args.protocol != "offgrid":
-            raise ValueError("--lofo needs --protocol offgrid")
-    except ValueError as exc:
-        print(f"quality-eval: {exc}", file=sys.stderr)
-        return 2
+        except ValueError as exc:
+            raise UserError(f"--kinds: {exc}") from None
+    if args.lofo and args.protocol != "offgrid":
+        raise UserError("--lofo needs --protocol offgrid")
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     subjects, split = _select_subjects(args)
     photos = load_photos(args.images, size=args.image_size, subjects=subjects)
@@ -486,14 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for family in kinds:
             folder = root / family
             if not folder.is_dir():
-                print(f"quality-eval: --lofo: no estimator for {family!r} ({folder} is missing)", file=sys.stderr)
-                return 2
+                raise UserError(f"--lofo: no estimator for {family!r} ({folder} is missing)")
             seen = trained_families(training_record(str(folder)))
             if seen is None or family in seen:
                 why = "has no training record" if seen is None else f"was trained on it (families {seen})"
-                print(f"quality-eval: --lofo: {folder} {why}; it must be trained without {family!r}", file=sys.stderr)
-                return 2
-            estimators[family] = _setup(load_estimator(str(folder), device=args.device), args)
+                raise UserError(f"--lofo: {folder} {why}; it must be trained without {family!r}")
+            estimators[family] = _setup(load_estimator(str(folder), device=device), args)
             records[family] = seen
         result = lofo_benchmark(
             estimators, photos, pairs_per_image=pairs, seed=args.seed, batch_size=args.batch_size,
@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"estimator": str(root), "mode": "leave-one-family-out", **header, **result}
         result["trained_families"] = records
     else:
-        est = _setup(load_estimator(args.estimator, device=args.device, seed=args.tiny_seed), args)
+        est = _setup(load_estimator(args.estimator, device=device, seed=args.tiny_seed), args)
         if args.protocol == "grid":
             res = evaluate_estimator(
                 est, photos, pairs_per_image=pairs, seed=args.seed, kinds=kinds, batch_size=args.batch_size,
@@ -560,4 +560,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("quality-eval", main))

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality.estimator import PatchQualityEstimator, QualityMaps, resize_to_latent
+from patchdpo_fast.utils import resolve_device
 
 __all__ = [
     "HEADER_KEY",
@@ -102,7 +104,7 @@ def load_estimator(
     Raises:
         FileNotFoundError: the folder does not exist (nothing is downloaded).
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = resolve_device(device, "device")
     name = str(spec)
     if name == "tiny":
         est = PatchQualityEstimator.tiny(seed=seed)
@@ -649,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``patchdpo quality``; returns the exit status (1 for a missing manifest / estimator or bad records)."""
+    """``patchdpo quality``; user errors propagate to :func:`patchdpo_fast.cli.run_command` (one line, status 2)."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.batch_size < 1:
@@ -659,26 +661,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from patchdpo_fast.data.manifest import ManifestError
-
-    device = _default_device() if args.device == "auto" else torch.device(args.device)
-    try:
-        summary = compute_manifest_maps(
-            args.manifest,
-            args.estimator,
-            batch_size=args.batch_size,
-            map_size=args.map_size,
-            overwrite=args.overwrite,
-            visualize=args.visualize,
-            limit=args.limit,
-            progress=not args.no_progress,
-            device=device,
-            dtype=_DTYPES[args.dtype],
-            tiny_seed=args.tiny_seed,
+    device = resolve_device(args.device)
+    if args.visualize is not None and args.visualize.exists() and not args.visualize.is_dir():
+        raise UserError(
+            f"--visualize {args.visualize} is a file; expected a folder for the panels (created if missing)"
         )
-    except (FileNotFoundError, ManifestError, ValueError) as exc:
-        print(f"patchdpo quality: {exc}", file=sys.stderr)
-        return 1
+    summary = compute_manifest_maps(
+        args.manifest,
+        args.estimator,
+        batch_size=args.batch_size,
+        map_size=args.map_size,
+        overwrite=args.overwrite,
+        visualize=args.visualize,
+        limit=args.limit,
+        progress=not args.no_progress,
+        device=device,
+        dtype=_DTYPES[args.dtype],
+        tiny_seed=args.tiny_seed,
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -687,4 +687,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("quality", main))

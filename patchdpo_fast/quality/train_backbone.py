@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality.defects import (
     FAMILIES,
     TRAIN_CHANGE,
@@ -60,6 +61,7 @@ from patchdpo_fast.quality.synthetic import (
     SyntheticPairs,
     make_pairs,
 )
+from patchdpo_fast.utils import resolve_device, set_default_permissions
 
 __all__ = ["TrainSettings", "dense_patch_loss", "main", "make_training_pairs"]
 
@@ -290,6 +292,7 @@ def _write_checkpoint(
         tensors[f"head.{k}"] = v.detach().cpu().contiguous()
     tensors["rng"] = g.get_state()
     save_file(tensors, str(tmp / "train_state.safetensors"))
+    set_default_permissions(tmp / "train_state.safetensors")  # safetensors writes 0600
     (tmp / "train_state.json").write_text(json.dumps({"progress": progress, "optimizer": meta}, indent=1) + "\n")
     final = ckpts / name
     if final.exists():
@@ -371,23 +374,18 @@ def _lr_at(settings: TrainSettings, step: int, frac: float) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.minutes < 0:
-        print("quality-train: --minutes must be >= 0", file=sys.stderr)
-        return 2
+        raise UserError(f"--minutes must be >= 0, got {args.minutes}")
     try:
         excluded = parse_families(args.exclude_families, default=()) if args.exclude_families else ()
-        families = tuple(f for f in FAMILIES if f not in excluded)
-        if not families:
-            raise ValueError("--exclude-families leaves no defect family to train on")
-        if excluded and args.recipe != "offgrid":
-            raise ValueError("--exclude-families needs --recipe offgrid")
     except ValueError as exc:
-        print(f"quality-train: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"--exclude-families: {exc}") from None
+    families = tuple(f for f in FAMILIES if f not in excluded)
+    if not families:
+        raise UserError("--exclude-families leaves no defect family to train on")
+    if excluded and args.recipe != "offgrid":
+        raise UserError("--exclude-families needs --recipe offgrid")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out)
     exclude = parse_subjects(args.exclude_subjects) or []
 
@@ -400,8 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     photos = load_photos(args.images, size=settings.photo_size, exclude=exclude)
     if len(photos) < 2:
-        print("quality-train: need at least 2 photos", file=sys.stderr)
-        return 2
+        raise UserError(f"--images {args.images}: need at least 2 photos, found {len(photos)}")
     est = (
         PatchQualityEstimator.from_pretrained(args.backbone)
         if pretrained
@@ -443,12 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         g.set_state(tensors["rng"])
         old = state["progress"]
         if old.get("clock", "wall") != args.clock or old.get("families", progress["families"]) != progress["families"]:
-            print(
-                f"quality-train: {ckpt} was trained with --clock {old.get('clock', 'wall')} and families "
-                f"{old.get('families')}; resume with the same settings or pass --no-resume",
-                file=sys.stderr,
+            raise UserError(
+                f"{ckpt} was trained with --clock {old.get('clock', 'wall')} and families "
+                f"{old.get('families')}; resume with the same settings or pass --no-resume"
             )
-            return 2
         progress.update(
             step=old["step"],
             train_seconds=old["train_seconds"],
@@ -530,4 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("quality-train", main))

@@ -20,7 +20,15 @@ from patchdpo_fast.ops import (
     patchdpo_weights,
 )
 
-__all__ = ["PairNoise", "apply_dropout", "compute_loss", "draw_pair_noise", "loss_weights", "pair_seed"]
+__all__ = [
+    "PairNoise",
+    "apply_dropout",
+    "compute_loss",
+    "draw_pair_noise",
+    "loss_weights",
+    "order_pairs",
+    "pair_seed",
+]
 
 _M1, _M2, _M3 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -83,6 +91,29 @@ def apply_dropout(values: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) 
         return values
     mask = drop.to(values.device).view(-1, *([1] * (values.dim() - 1)))
     return torch.where(mask, null.to(values.device, values.dtype).expand_as(values), values)
+
+
+def order_pairs(
+    loss_type: str,
+    pair_order: str,
+    lat_ref: torch.Tensor,
+    lat_gen: torch.Tensor,
+    q_ref: torch.Tensor,
+    q_gen: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The latents to denoise and the (winner, loser) quality maps of a micro-batch of B pairs.
+
+    * the pair losses: ``cat[winners, losers]`` ``(2B, ...)``: reference images first (``pair_order=
+      "reference_wins"``), or generated images first with the maps swapped along (``"generated_wins"``, a control);
+    * ``reconstruction``: the generated images only ``(B, ...)`` (they are the targets); maps pass through unused.
+    """
+    if loss_type == "reconstruction":
+        return lat_gen, q_ref, q_gen
+    if pair_order == "generated_wins":
+        return torch.cat([lat_gen, lat_ref]), q_gen, q_ref
+    if pair_order != "reference_wins":
+        raise ValueError(f"pair_order must be 'reference_wins' or 'generated_wins', got {pair_order!r}")
+    return torch.cat([lat_ref, lat_gen]), q_ref, q_gen
 
 
 def _to_grid(q: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Layout of ``<output_dir>/checkpoints/step_00000040/``::
 
-    adapter.safetensors        trainable adapter weights and the frozen reference copy
+    adapter.safetensors        the policy adapter; for the DPO losses its metadata records the reference adapter
+                               (the run's initial adapter: origin and SHA-256, not its weights)
     trainer.safetensors/.json  optimizer, LR scheduler, loss scaler, RNG and data-order state (see state_io)
     engine_rank{r}.*           per-rank engine state for DeepSpeed ZeRO (fp32 master partitions, base optimizer)
     config.yaml                the configuration of the run
@@ -16,12 +17,14 @@ or the new one, never a half-written one.
 Every run has a *run id* (a random hex string made when a run starts fresh, kept across resumes) recorded in each
 of its checkpoints. :func:`prune_checkpoints` only deletes checkpoints of the current run, so a run never removes
 another run's checkpoints (nor its own newest ones because an older run left higher step numbers).
-:func:`verify_checkpoint` checks a checkpoint's files against ``checkpoint.json``; resuming uses it to skip a
-corrupt newest checkpoint for the newest intact one.
+:func:`verify_checkpoint` checks a checkpoint's files against ``checkpoint.json`` and :func:`trainer_state_problems`
+its counters; resuming uses them to skip a corrupt newest checkpoint (moved aside by :func:`quarantine_checkpoint`)
+for the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,7 +48,9 @@ __all__ = [
     "list_checkpoints",
     "new_run_id",
     "prune_checkpoints",
+    "quarantine_checkpoint",
     "read_checkpoint_manifest",
+    "trainer_state_problems",
     "verify_checkpoint",
 ]
 
@@ -157,20 +162,21 @@ def read_checkpoint_manifest(path: Path) -> dict[str, Any] | None:
 
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id recorded in a checkpoint (None: not recorded or unreadable)."""
-    try:
-        manifest = read_checkpoint_manifest(path)
-    except CheckpointError:
-        return None
+    manifest = checkpoint_manifest_or_none(path)
     run_id = manifest.get("run_id") if manifest else None
     return run_id if isinstance(run_id, str) else None
 
 
-def verify_checkpoint(path: Path, names: Iterable[str] | None = None) -> list[str]:
+_RANK_FILE_RE = re.compile(r"^engine_rank(\d+)\.")
+
+
+def verify_checkpoint(path: Path, names: Iterable[str] | None = None, *, rank: int | None = None) -> list[str]:
     """Problems of a checkpoint, one message per problem naming the file; empty when it is intact.
 
     Checks the ``DONE`` marker and every file recorded in ``checkpoint.json`` (existence, size, SHA-256); ``names``
-    restricts the file checks to those files (each rank checks what it reads). A checkpoint without
-    ``checkpoint.json`` (written by an older version) only has its files' existence checked.
+    restricts the file checks to those files. With ``rank`` (a multi-rank job, where each rank checks a share):
+    rank 0 checks every file except other ranks' ``engine_rank{r}.*``, any other rank only its own. A checkpoint
+    without ``checkpoint.json`` (written by an older version) only has its files' existence checked.
     """
     path = Path(path)
     if not path.is_dir():
@@ -182,10 +188,19 @@ def verify_checkpoint(path: Path, names: Iterable[str] | None = None) -> list[st
     except CheckpointError as exc:
         return [str(exc)]
     if manifest is None:
+        if rank:
+            return []
         wanted = ["adapter.safetensors", "trainer.json", "trainer.safetensors"]
         return [f"{path / n}: missing" for n in wanted if (names is None or n in names) and not (path / n).is_file()]
     problems = []
     files = manifest["files"]
+    if names is None and rank is not None:
+
+        def mine(name: str) -> bool:
+            m = _RANK_FILE_RE.match(name)
+            return int(m.group(1)) == rank if m else rank == 0
+
+        names = [n for n in files if mine(n)]
     for name in sorted(files if names is None else [n for n in names if n in files]):
         entry, file = files[name], path / name
         if not file.is_file():
@@ -199,6 +214,73 @@ def verify_checkpoint(path: Path, names: Iterable[str] | None = None) -> list[st
     if names is not None:
         problems += [f"{path / n}: missing (not recorded in {MANIFEST_NAME})" for n in names if n not in files]
     return problems
+
+
+def _int_field(fields: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = fields.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= minimum else None
+
+
+def trainer_state_problems(path: Path, pairs_per_step: int | None = None) -> list[str]:
+    """Nonsense in a checkpoint's trainer state: counters that are not non-negative integers, a step that is not
+    the checkpoint's, or (with ``pairs_per_step``, pairs per rank per optimizer step) a data position that does not
+    match the step. Reads only ``trainer.json``, ``checkpoint.json`` and ``DONE``.
+    """
+    path = Path(path)
+    file = path / "trainer.json"
+    try:
+        skeleton = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{file}: unreadable trainer state ({exc})"]
+    fields = skeleton.get("__dict__") if isinstance(skeleton, dict) else None
+    if not isinstance(fields, dict):
+        return [f"{file}: not a trainer state"]
+    problems = []
+    values = {}
+    for key, minimum in (("step", 0), ("consumed_per_rank", 0), ("nan_skips", 0), ("world_size", 1)):
+        values[key] = _int_field(fields, key, minimum)
+        if values[key] is None:
+            problems.append(f"{file}: {key} is {fields.get(key)!r}, expected an integer >= {minimum}")
+    step = values["step"]
+    if step is None:
+        return problems
+    recorded = {}
+    m = _STEP_RE.match(path.name)
+    if m:
+        recorded["its folder name"] = int(m.group(1))
+    with contextlib.suppress(OSError, ValueError):
+        recorded["DONE"] = int((path / "DONE").read_text().strip())
+    manifest_step = (checkpoint_manifest_or_none(path) or {}).get("step")
+    if isinstance(manifest_step, int):
+        recorded[MANIFEST_NAME] = manifest_step
+    for where, value in recorded.items():
+        if value != step:
+            problems.append(f"{file}: step {step}, but {where} says step {value}")
+    consumed = values["consumed_per_rank"]
+    if pairs_per_step and consumed is not None and consumed != step * pairs_per_step:
+        problems.append(
+            f"{file}: consumed_per_rank {consumed} does not match step {step} x {pairs_per_step} pairs per step"
+        )
+    return problems
+
+
+def checkpoint_manifest_or_none(path: Path) -> dict[str, Any] | None:
+    """:func:`read_checkpoint_manifest`, with None for an unreadable manifest too."""
+    try:
+        return read_checkpoint_manifest(path)
+    except CheckpointError:
+        return None
+
+
+def quarantine_checkpoint(path: Path) -> Path:
+    """Move a corrupt checkpoint aside (``step_N.corrupt``, then ``.corrupt1``, ...): never resumed nor pruned."""
+    path = Path(path)
+    for i in range(1000):
+        target = path.with_name(f"{path.name}.corrupt{i or ''}")
+        if not target.exists():
+            os.replace(path, target)
+            return target
+    raise CheckpointError(f"cannot move the corrupt checkpoint {path} aside")
 
 
 def find_checkpoint(output_dir: Path, resume_from: str) -> Path | None:

@@ -18,22 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from patchdpo_fast.utils import atomic_write, atomic_write_bytes, atomic_write_json
+from patchdpo_fast.utils import atomic_write_bytes, atomic_write_json, write_safetensors
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "flatten_state", "load_state", "save_state", "unflatten_state"]
 
 
 def flatten_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split ``obj`` into a JSON-serializable skeleton and a flat dict of tensors."""
+    """Split ``obj`` into a JSON-serializable skeleton and a flat dict of tensors (detached, not copied)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             name = path
-            # safetensors stores dense, non-shared tensors
-            tensors[name] = value.detach().cpu().contiguous().clone()
+            # no copy here: save_state writes each tensor from where it is (write_safetensors)
+            tensors[name] = value.detach()
             return {"__tensor__": name}
         if isinstance(value, dict):
             if all(isinstance(k, str) for k in value):
@@ -81,10 +81,15 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_state(obj: Any, path_stem: str | os.PathLike) -> None:
-    """Write ``obj`` to ``<stem>.safetensors`` and ``<stem>.json`` (each atomically)."""
+    """Write ``obj`` to ``<stem>.safetensors`` and ``<stem>.json`` (each atomically).
+
+    Tensors are written one at a time straight from their memory (see
+    :func:`~patchdpo_fast.utils.write_safetensors`): a save holds no second copy of the state; a tensor on an
+    accelerator is brought to the host one tensor at a time.
+    """
     stem = Path(path_stem)
     skeleton, tensors = flatten_state(obj)
-    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+    write_safetensors(tensors, stem.with_suffix(".safetensors"))
     atomic_write_json(stem.with_suffix(".json"), skeleton)
 
 

@@ -164,7 +164,10 @@ def test_cli_end_to_end(inputs, tmp_path: Path, capsys: pytest.CaptureFixture[st
     manifest = Manifest.load(tmp_path / "manifest.jsonl", check="full")
     assert len(manifest) == 4 and manifest.records[0].reference == "references/dog2/dog2.jpg"
     assert "manifest:" in capsys.readouterr().out
-    assert main([*args[:-2], "--shard", "3/2"]) == 2
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["build-pairs", *args[:-2], "--shard", "3/2"]) == 2
+    assert capsys.readouterr().err.strip() == "patchdpo build-pairs: shard index must be in [0, 2), got 3/2"
 
 
 def test_prompt_files_and_subjects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

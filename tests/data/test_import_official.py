@@ -73,5 +73,8 @@ def test_cli(official: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main([str(official), "--out", str(tmp_path / "m.jsonl")]) == 0
     captured = capsys.readouterr()
     assert "imported 3 records (5 pairs)" in captured.out and "skipped: record (id 'sample3/a vase')" in captured.err
-    assert main([str(official), "--out", str(tmp_path / "x.jsonl"), "--on-bad-record", "error"]) == 2
-    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.jsonl")]) == 2
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["import-official", str(official), "--out", str(tmp_path / "x.jsonl"), "--on-bad-record", "error"]) == 2
+    assert cli(["import-official", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.jsonl")]) == 2
+    assert "nowhere" in capsys.readouterr().err

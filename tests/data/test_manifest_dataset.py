@@ -186,6 +186,22 @@ def test_max_bad_records_counts_across_dataloader_workers(tmp_path: Path) -> Non
     assert clone.bad_records == {1, 3}
 
 
+def test_a_pair_met_bad_elsewhere_still_counts_against_the_limit(tmp_path: Path) -> None:
+    """A worker may cross max_bad_records in a prefetched batch the run never consumes; a worker that later skips
+    an already-known bad pair for a consumed batch must raise too instead of standing in for it silently."""
+    path = _with_truncated(tmp_path, "pairs", bad=(1, 3))
+    dataset = build_pair_dataset(manifest_cfg(path, on_bad_record="skip", max_bad_records=1))
+    dataset._bad.add(1)
+    dataset._bad.add(3)  # what the other workers met (the shared log)
+    assert dataset[0]["index"] == 0  # a good pair still loads
+    with pytest.raises(RuntimeError, match=r"max_bad_records=1 bad pairs \(2 met"):
+        dataset[1]
+    within = build_pair_dataset(manifest_cfg(path, on_bad_record="skip", max_bad_records=2))
+    within._bad.add(1)
+    within._bad.add(3)
+    assert within[1]["index"] == 2 and within[3]["index"] == 0
+
+
 def test_a_cache_built_while_skipping_is_refused_under_on_bad_record_error(tmp_path: Path) -> None:
     from patchdpo_fast.data import CacheError, build_input_cache
 

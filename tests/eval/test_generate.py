@@ -167,4 +167,6 @@ def test_generate_and_evaluate_commands(mini, tmp_path) -> None:
     assert "| PatchDPO (paper) | 0.831 | 0.880 | 0.288 |" in single.with_suffix(".md").read_text()
 
     (out / "dog" / "a dog in the snow.png").unlink()
-    assert evaluate_main(["--generated", str(out), "--references", str(mini), "--tiny", "--out", str(scores)]) == 1
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["evaluate", "--generated", str(out), "--references", str(mini), "--tiny", "--out", str(scores)]) == 2

@@ -33,7 +33,7 @@ def _stock_pipeline(seed: int = 0):
 def test_export_loads_into_stock_diffusers(tmp_path, batch_factory) -> None:
     models = build_models(tiny=True, seed=0, train_resampler=True)
     _perturb_adapter(models)
-    out = models.export_ip_adapter(tmp_path / "ip-adapter-plus_patchdpo.safetensors")
+    out = models.export_ip_adapter(tmp_path / "ip-adapter-plus_patchdpo.safetensors", dtype=torch.float32)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # atomic write leaves no temp file
 
     with safe_open(str(out), framework="pt") as f:
@@ -91,10 +91,11 @@ def test_export_loads_into_stock_diffusers(tmp_path, batch_factory) -> None:
 def test_export_load_round_trip(tmp_path, batch_factory) -> None:
     models = build_models(tiny=True, seed=0, train_resampler=True)
     _perturb_adapter(models)
-    path = models.export_ip_adapter(tmp_path / "adapter.safetensors")
-    path = models.export_ip_adapter(path)  # overwriting an existing export works
-    half = models.export_ip_adapter(tmp_path / "adapter_fp16.safetensors", dtype=torch.float16)
+    path = models.export_ip_adapter(tmp_path / "adapter.safetensors", dtype=torch.float32)
+    path = models.export_ip_adapter(path, dtype=torch.float32)  # overwriting an existing export works
+    half = models.export_ip_adapter(tmp_path / "adapter_fp16.safetensors")  # fp16 is the default
     assert all(v.dtype == torch.float16 for g in read_ip_adapter_file(half).values() for v in g.values())
+    assert all(v.dtype == torch.float32 for g in read_ip_adapter_file(path).values() for v in g.values())
 
     batch = batch_factory(models)
     other = build_models(tiny=True, seed=0, train_resampler=True)  # same frozen parts, initial adapter
@@ -152,3 +153,38 @@ def test_load_errors(tmp_path) -> None:
         models.load_ip_adapter_weights(path)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         models.export_ip_adapter(tmp_path / "adapter.bin")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+def test_export_dtype_default_is_fp16_and_loads_into_stock_diffusers(tmp_path, dtype, batch_factory) -> None:
+    """Adapters export as fp16 by default (the official files' dtype, half the bytes); fp32/bf16 on request."""
+    models = build_models(tiny=True, seed=0)
+    _perturb_adapter(models)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    out = models.export_ip_adapter(tmp_path / "adapter.safetensors", **kwargs)
+    want = dtype or torch.float16
+    groups = read_ip_adapter_file(out)
+    image_proj, ip_adapter = models.ip_unet.ip_adapter_state_dicts()
+    for name, theirs in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
+        assert groups[name].keys() == theirs.keys()
+        for key, value in groups[name].items():
+            assert value.dtype == want and torch.equal(value, theirs[key].to(want)), key
+    n_params = sum(v.numel() for v in (*image_proj.values(), *ip_adapter.values()))
+    assert out.stat().st_size < n_params * want.itemsize + 64 * 1024  # tensors + header, nothing else
+
+    pipe = _stock_pipeline(seed=0)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=out.name, local_files_only=True)
+    stock = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    ours = list(models.ip_unet.ip_processors.values())
+    for s, o in zip(stock, ours, strict=True):
+        assert torch.equal(s.to_k_ip[0].weight, o.to_k_ip.weight.to(want).float())
+    if want == torch.float16:  # rounding the adapter to fp16 barely moves the prediction of the stock UNet
+        batch = batch_factory(models)
+        with torch.no_grad():
+            ours_eps = models.predict_noise(*batch.args())
+            stock_eps = pipe.unet(
+                batch.noisy_latents, batch.timesteps, encoder_hidden_states=batch.prompt_embeds,
+                added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids,
+                                   "image_embeds": [batch.image_features[:, None]]},
+            ).sample  # fmt: skip
+        torch.testing.assert_close(stock_eps, ours_eps, rtol=1e-2, atol=1e-3)

@@ -82,14 +82,15 @@ def test_adapter_state_dict_round_trip(batch_factory) -> None:
     models = build_models(tiny=True, seed=0, train_resampler=True)
     batch = batch_factory(models)
     _train_steps(models, batch, steps=2)
-    state = {k: v.clone() for k, v in models.adapter_state_dict().items()}
+    assert not any("ref_" in k for k in models.adapter_state_dict())  # checkpoints hold the policy only
+    state = {k: v.clone() for k, v in models.adapter_state_dict(include_reference=True).items()}
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert any(k.startswith("ref_image_proj.") for k in state)
     assert any(k.endswith(".ref_k_ip.weight") for k in state)
 
     fresh = build_models(tiny=True, seed=1, train_resampler=True)
-    fresh.load_adapter_state_dict(state)
-    loaded = fresh.adapter_state_dict()
+    assert fresh.load_adapter_state_dict(state)  # reference weights were in it and went into the reference
+    loaded = fresh.adapter_state_dict(include_reference=True)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     # outputs match when the frozen UNet is the same one (same seed)
     same_unet = build_models(tiny=True, seed=0, train_resampler=True)
@@ -102,5 +103,57 @@ def test_adapter_state_dict_round_trip(batch_factory) -> None:
                 rtol=0,
                 atol=0,
             )
+    # the policy alone is a complete checkpoint; a missing policy key or an unknown key is not
+    assert not same_unet.load_adapter_state_dict({k: v for k, v in state.items() if "ref_" not in k})
     with pytest.raises(KeyError, match="missing"):
-        same_unet.load_adapter_state_dict({k: v for k, v in state.items() if "ref_" not in k})
+        same_unet.load_adapter_state_dict({k: v for k, v in state.items() if "to_k_ip" not in k})
+    with pytest.raises(KeyError, match="unexpected"):
+        same_unet.load_adapter_state_dict({**state, "ip_adapter.999.to_q_ip.weight": torch.zeros(1)})
+    # a model without a reference ignores stored reference weights
+    no_ref = build_models(tiny=True, seed=0, train_resampler=True, reference=False)
+    assert not no_ref.load_adapter_state_dict(state)
+    assert no_ref.ip_unet.reference_state_dict() == {}
+
+
+@pytest.mark.parametrize("train_resampler", [False, True])
+def test_reference_is_built_only_when_asked(train_resampler: bool, batch_factory) -> None:
+    """Only the DPO losses need the reference: without it no copy of the adapter exists, and asking for it fails."""
+    with_ref = build_models(tiny=True, seed=0, train_resampler=train_resampler)
+    models = build_models(tiny=True, seed=0, train_resampler=train_resampler, reference=False)
+    n_ref = sum(p.numel() for p in with_ref.ip_unet.reference_parameters())
+    n_adapter = sum(p.numel() for p in with_ref.trainable_parameters())
+    assert n_ref == n_adapter > 0  # the reference is one copy of what trains
+    assert models.ip_unet.reference_parameters() == [] and not models.ip_unet.has_reference
+    assert not any(".ref_" in n or n.startswith("ref_") for n, _ in models.ip_unet.named_parameters())
+    assert models.ip_unet.reference_fingerprint() is None
+    all_params = sum(p.numel() for p in models.ip_unet.parameters())
+    assert sum(p.numel() for p in with_ref.ip_unet.parameters()) == all_params + n_ref
+    batch = batch_factory(models)
+    with pytest.raises(RuntimeError, match="no reference adapter"):
+        models.predict_noise(*batch.args(), use_reference=True)
+    with pytest.raises(RuntimeError, match="no reference adapter"), models.reference_mode():
+        pass
+    with pytest.raises(RuntimeError, match="no reference adapter"):
+        models.sync_reference()
+    _train_steps(models, batch, steps=1)  # trains normally without it
+
+    models.ip_unet.enable_reference()  # a copy of the current policy, frozen
+    assert sum(p.numel() for p in models.ip_unet.reference_parameters()) == n_adapter
+    assert not any(p.requires_grad for p in models.ip_unet.reference_parameters())
+    with torch.no_grad():
+        assert torch.equal(models.predict_noise(*batch.args(), use_reference=True), models.predict_noise(*batch.args()))
+    models.ip_unet.disable_reference()
+    assert models.ip_unet.reference_parameters() == []
+
+
+def test_reference_fingerprint_identifies_the_reference_weights() -> None:
+    a = build_models(tiny=True, seed=0, train_resampler=True)
+    b = build_models(tiny=True, seed=0, train_resampler=True)
+    fp = a.ip_unet.reference_fingerprint()
+    assert isinstance(fp, str) and len(fp) == 64 and fp == b.ip_unet.reference_fingerprint()
+    _perturb = next(iter(a.ip_unet.ip_processors.values())).ref_v_ip.weight
+    with torch.no_grad():
+        _perturb[0, 0] += 1e-3
+    assert a.ip_unet.reference_fingerprint() != fp
+    c = build_models(tiny=True, seed=0, train_resampler=False)  # no resampler copy: another reference
+    assert c.ip_unet.reference_fingerprint() != fp

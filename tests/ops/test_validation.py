@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from patchdpo_fast.ops import DiffusionDPOLoss, diffusion_dpo_loss, patch_dpo_loss, patch_weighted_mse
+from patchdpo_fast.ops import (
+    DiffusionDPOLoss,
+    diffusion_dpo_loss,
+    patch_dpo_loss,
+    patch_weighted_mse,
+    patchdpo_weights,
+)
 
 BACKENDS = ["auto", "torch", "triton"]
 
@@ -150,3 +157,49 @@ def test_triton_backend_refuses_float64():
     pred, target, _, weight = good()
     with pytest.raises(ValueError, match="backend 'triton' supports dtypes"):
         patch_weighted_mse(pred.double(), target.double(), weight, backend="triton")
+
+
+@pytest.mark.parametrize("beta", ["5", True, False, 1e300, 1e8 * 1.01, [5.0]])
+def test_beta_must_be_a_real_number_in_range(beta):
+    """Strings and bools are refused (not coerced), and a beta that would overflow float32 is refused."""
+    pred, target, ref, weight = good()
+    with pytest.raises(ValueError, match="`beta` must be a"):
+        patch_dpo_loss(pred, ref, target, weight, beta=beta)
+    with pytest.raises(ValueError, match="`beta` must be a"):
+        DiffusionDPOLoss(beta=beta)(pred, ref, target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_largest_beta_is_finite_and_backends_agree(backend):
+    from patchdpo_fast.ops.validation import MAX_BETA
+
+    pred, target, ref, weight = good()
+    out = patch_dpo_loss(pred, ref, target, weight, beta=MAX_BETA, backend=backend)
+    want = patch_dpo_loss(pred, ref, target, weight, beta=MAX_BETA, backend="torch")
+    assert torch.isfinite(out.loss) and torch.isfinite(out.log_ratio).all()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-4, atol=1e-4)
+    # numpy scalars and one-element tensors are real numbers too
+    assert patch_dpo_loss(pred, ref, target, weight, beta=np.float32(5000), backend=backend).loss.isfinite()
+    assert patch_dpo_loss(pred, ref, target, weight, beta=torch.tensor(5000.0), backend=backend).loss.isfinite()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_weight_is_refused_on_every_backend(backend, bad):
+    pred, target, ref, weight = good()
+    weight.view(-1)[3] = bad
+    with pytest.raises(ValueError, match=r"`weight` contains 1 non-finite value"):
+        patch_dpo_loss(pred, ref, target, weight, backend=backend)
+    with pytest.raises(ValueError, match=r"`weight` contains 1 non-finite value"):
+        patch_weighted_mse(pred, target, weight, backend=backend)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["q_ref", "q_gen"])
+def test_quality_maps_outside_unit_interval_are_refused(bad, which):
+    q = {"q_ref": torch.rand(2, 4, 4), "q_gen": torch.rand(2, 4, 4)}
+    q[which][1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"`{which}` holds 1 value\(s\) outside \[0, 1\] or NaN"):
+        patchdpo_weights(q["q_ref"], q["q_gen"], mode="dpo")
+    edge = patchdpo_weights(torch.zeros(1, 2, 2), torch.ones(1, 2, 2), mode="dpo")  # the bounds themselves are fine
+    assert torch.equal(edge, torch.cat([torch.ones(1, 2, 2), -torch.ones(1, 2, 2)]))

@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 from quality_helpers import synthetic_photos
 
+from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality import PatchQualityEstimator
 from patchdpo_fast.quality.defects import FAMILIES
 from patchdpo_fast.quality.evaluate import main as eval_main
+from patchdpo_fast.quality.synthetic import ALL_KINDS
 from patchdpo_fast.quality.train_backbone import main as train_main
 
 
@@ -47,7 +49,8 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
     assert train_main([*args, "--minutes", f"{minutes:.4f}", "--exclude-subjects", "beta"]) == 0
     assert "resuming from" in capsys.readouterr().out
     # resuming under another clock is refused (the budget would mix CPU and wall seconds)
-    assert train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--clock", "wall"]) == 2
+    with pytest.raises(UserError, match="--clock cpu"):
+        train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--clock", "wall"])
     again = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
     assert again["step"] > training["step"]
 
@@ -74,7 +77,7 @@ def test_quality_eval_reports_auroc_and_ap(photo_dir, tmp_path):
     assert set(res["per_kind"]) == {"paste", "blur", "recolor", "shuffle"} and "baseline" in res
 
 
-def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
+def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["alpha"], "eval": ["beta"]}))
@@ -86,5 +89,11 @@ def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path):
         eval_main([*base, "--subjects", "gamma"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         eval_main([*base, "--estimator", str(tmp_path / "missing")])
-    assert eval_main([*base, "--kinds", "smudge"]) == 2
-    assert eval_main([*base, "--kinds", "smudge", "--protocol", "grid"]) == 2
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["quality-eval", *base, "--kinds", "smudge", "--protocol", "grid"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "patchdpo quality-eval: unknown --kinds smudge; choose from " + ", ".join(ALL_KINDS)
+    )
+    assert cli(["quality-eval", *base, "--kinds", "smudge"]) == 2  # the off-grid protocol's families
+    assert capsys.readouterr().err.startswith("patchdpo quality-eval: --kinds: unknown defect families ['smudge']")

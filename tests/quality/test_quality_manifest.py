@@ -182,9 +182,11 @@ def test_estimator_folder_and_bad_records(pairs_dir, trained, tmp_path):
 
 def test_command_line(pairs_dir, tmp_path, capsys):
     manifest = str(pairs_dir / "manifest.jsonl")
-    assert main(["--manifest", str(tmp_path / "nope.jsonl")]) == 1
+    from patchdpo_fast.cli import main as cli
+
+    assert cli(["quality", "--manifest", str(tmp_path / "nope.jsonl")]) == 2
     assert "manifest not found" in capsys.readouterr().err
-    assert main(["--manifest", manifest, "--estimator", str(tmp_path / "nope")]) == 1
+    assert cli(["quality", "--manifest", manifest, "--estimator", str(tmp_path / "nope")]) == 2
     assert "quality estimator folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--manifest", manifest, "--map-size", "0"])

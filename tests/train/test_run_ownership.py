@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import patchdpo_fast.train as train_mod
 import patchdpo_fast.training.checkpoint as ckpt_mod
 from patchdpo_fast.config import load_config
-from patchdpo_fast.train import main, train
+from patchdpo_fast.train import train
 from patchdpo_fast.training.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,6 +160,11 @@ def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, caplog):
 
 
 def test_cli_refusals_are_one_line_with_exit_status_2(tmp_path, capsys):
+    from patchdpo_fast.cli import run_command
+
+    def main(argv):
+        return run_command("train", train_mod.main, argv)
+
     sets = [f"train.output_dir={tmp_path / 'run'}", f"cache.dir={tmp_path / 'cache'}", "train.max_steps=1",
             "data.procedural.num_pairs=2"]  # fmt: skip
     args = ["--config", str(TINY), *(a for s in sets for a in ("--set", s))]
