@@ -100,7 +100,7 @@ def trained_families(record: dict[str, Any] | None) -> list[str] | None:
     mapped to the families they belong to). None when unknown."""
     if not record:
         return None
-    if "families" in record:
+    if record.get("families") is not None:  # off-grid recipe (a grid-recipe record has families None)
         return list(record["families"])
     kinds = (record.get("recipe") or {}).get("kinds")
     if kinds is None and record.get("backbone") is not None:  # first version: fixed grid kinds

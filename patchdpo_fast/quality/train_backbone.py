@@ -49,6 +49,7 @@ from patchdpo_fast.quality.defects import (
     TRAIN_CHANGE,
     TRAIN_RECIPE,
     TRAIN_REF_CHANGE,
+    GlobalChange,
     make_defect_pairs,
     parse_families,
 )
@@ -101,19 +102,25 @@ def make_training_pairs(
     recipe: str = "offgrid",
     families: Sequence[str] = FAMILIES,
     donors: torch.Tensor | None = None,
+    global_changes: bool = True,
 ) -> SyntheticPairs:
     """Pairs for one training step (both views augmented, defects in the generated view), made at ``size``
     (the estimator's input size: the views are warped at the photos' resolution, then resized and corrupted).
 
     ``recipe="offgrid"``: :data:`~.defects.TRAIN_RECIPE` restricted to ``families`` with the training global changes
-    (labels and ``coverage`` from the covered fraction); ``"grid"``: the first version's grid-aligned corruptions."""
+    (labels and ``coverage`` from the covered fraction; ``global_changes=False``, an ablation, leaves both views
+    without any global change: no flip, zoom, rotation, colour jitter, blur or JPEG); ``"grid"``: the first version's
+    grid-aligned corruptions."""
     if recipe == "offgrid":
+        gen_change, ref_change = (TRAIN_CHANGE, TRAIN_REF_CHANGE) if global_changes else (GlobalChange.none(),) * 2
         return make_defect_pairs(
             sources, grid, g, size=size, donors=donors, recipe=TRAIN_RECIPE.only(tuple(families)),
-            gen_change=TRAIN_CHANGE, ref_change=TRAIN_REF_CHANGE,
+            gen_change=gen_change, ref_change=ref_change,
         )  # fmt: skip
     if recipe != "grid":
         raise ValueError(f"make_training_pairs: `recipe` must be 'offgrid' or 'grid', got {recipe!r}")
+    if not global_changes:
+        raise ValueError("make_training_pairs: `global_changes=False` needs recipe='offgrid'")
     return make_pairs(
         sources, grid, g, size=size,
         gen_geometry=TRAIN_GEN_GEOMETRY, ref_geometry=TRAIN_REF_GEOMETRY,
@@ -355,6 +362,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ablation: train the best-match classifier on clean vs >half covered only (default: soft 1 - coverage)",
     )
+    p.add_argument(
+        "--no-global-changes",
+        action="store_true",
+        help="ablation (offgrid recipe): no global change that is not a defect on either view (no flip, zoom, "
+        "rotation, colour jitter, blur or JPEG)",
+    )
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 for tiny, 1e-5 for pretrained)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
@@ -384,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--exclude-families leaves no defect family to train on")
     if excluded and args.recipe != "offgrid":
         raise UserError("--exclude-families needs --recipe offgrid")
+    if args.no_global_changes and args.recipe != "offgrid":
+        raise UserError("--no-global-changes needs --recipe offgrid")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -420,11 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "excluded_subjects": exclude,
         "recipe": {"name": args.recipe, **({"kinds": list(TRAIN_CORRUPTIONS.kinds)} if args.recipe == "grid" else {})},
         "families": list(families) if args.recipe == "offgrid" else None,
+        "global_changes": not args.no_global_changes,
         "excluded_families": list(excluded),
         "clock": args.clock,
         "train_cpu_seconds": 0.0,
         "train_wall_seconds": 0.0,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # spinning threads inflate a CPU-time budget
         "settings": settings.__dict__,
         "device": str(device),
     }
@@ -439,10 +456,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _load_optimizer(opt, tensors, state["optimizer"])
         g.set_state(tensors["rng"])
         old = state["progress"]
-        if old.get("clock", "wall") != args.clock or old.get("families", progress["families"]) != progress["families"]:
+        # what the budget counts and what the steps trained on must not change halfway
+        recorded = {
+            "clock": old.get("clock", "wall"),
+            "recipe": old.get("recipe", progress["recipe"])["name"],
+            "families": old.get("families", progress["families"]),
+            "global_changes": old.get("global_changes", True),
+            "soft_labels": old.get("settings", {}).get("soft_labels", True),
+        }
+        current = {
+            "clock": args.clock,
+            "recipe": args.recipe,
+            "families": progress["families"],
+            "global_changes": progress["global_changes"],
+            "soft_labels": settings.soft_labels,
+        }
+        differ = [f"{k} {recorded[k]} (now {current[k]})" for k in recorded if recorded[k] != current[k]]
+        if differ:
             raise UserError(
-                f"{ckpt} was trained with --clock {old.get('clock', 'wall')} and families "
-                f"{old.get('families')}; resume with the same settings or pass --no-resume"
+                f"{ckpt} was trained with {', '.join(differ)}; resume with the same settings or pass --no-resume"
             )
         progress.update(
             step=old["step"],
@@ -469,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         c0 = time.process_time()
         idx = torch.randint(len(photos), (settings.batch_size,), generator=g)
-        pairs = make_training_pairs(photos.images[idx], grid, g, est.image_size, recipe=args.recipe, families=families)
+        pairs = make_training_pairs(
+            photos.images[idx], grid, g, est.image_size, recipe=args.recipe, families=families,
+            global_changes=not args.no_global_changes,
+        )  # fmt: skip
         for group in opt.param_groups:
             group["lr"] = _lr_at(settings, progress["step"], progress["train_seconds"] / max(budget, 1e-9))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

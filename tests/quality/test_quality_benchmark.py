@@ -130,6 +130,21 @@ def test_training_recipe_differs_from_the_benchmark_and_excludes_families(photos
     assert FAMILIES.index("missing") + 1 not in codes and len(codes) > 2
 
 
+def test_training_pairs_without_global_changes(photos):
+    """The ablation switch: both views are the photo itself apart from the defects (identity correspondence)."""
+    g = torch.Generator().manual_seed(3)
+    plain = make_training_pairs(photos, (16, 16), g, (64, 64), global_changes=False)
+    outside = (plain.alpha == 0)[:, None].expand_as(plain.generated)
+    assert outside.float().mean() > 0.3 and (plain.labels == 1).any()
+    torch.testing.assert_close(plain.generated[outside], plain.reference[outside], rtol=0, atol=1e-6)
+    cells = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1)
+    torch.testing.assert_close(plain.gen_to_ref, cells.expand_as(plain.gen_to_ref), rtol=0, atol=1e-4)
+    changed = make_training_pairs(photos, (16, 16), torch.Generator().manual_seed(3), (64, 64))
+    assert not torch.allclose(changed.gen_to_ref, cells.expand_as(changed.gen_to_ref), atol=1e-2)
+    with pytest.raises(ValueError, match="needs recipe='offgrid'"):
+        make_training_pairs(photos, (16, 16), g, (64, 64), recipe="grid", global_changes=False)
+
+
 # ---------------------------------------------------------------------------------------------------- splits
 def test_subject_splits_are_fixed_disjoint_and_recorded():
     train, val, test = map(set, (DREAMBENCH_TRAIN_SUBJECTS, DREAMBENCH_VAL_SUBJECTS, DREAMBENCH_TEST_SUBJECTS))
@@ -228,6 +243,17 @@ def test_leave_one_family_out(photo_dir, tmp_path, capsys):
         eval_main([*args, "--families", "missing"])
     with pytest.raises(UserError, match="leaves no defect family"):
         train_main([*base, "--out", str(tmp_path / "x"), "--exclude-families", ",".join(FAMILIES)])
+
+
+def test_trained_families_from_the_training_record():
+    from patchdpo_fast.quality.evaluate import trained_families
+
+    assert trained_families({"families": ["smear", "recolor"], "recipe": {"name": "offgrid"}}) == ["smear", "recolor"]
+    # a --recipe grid record has families None and its grid kinds, mapped to the families they belong to
+    grid = {"families": None, "recipe": {"name": "grid", "kinds": ["paste", "blur", "recolor", "shuffle"]}}
+    assert trained_families(grid) == ["foreign", "smear", "recolor", "resample"]
+    assert trained_families({"backbone": "tiny"}) == ["foreign", "smear", "recolor", "resample"]  # first version
+    assert trained_families(None) is None
 
 
 def test_quality_eval_split_option(photo_dir, tmp_path):

@@ -39,7 +39,7 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
     assert training["step"] >= 1 and training["subjects"] == ["alpha"] and training["excluded_subjects"] == ["beta"]
     # --minutes counts process CPU time by default; wall time is recorded beside it
     assert training["clock"] == "cpu" and training["train_seconds"] == pytest.approx(training["train_cpu_seconds"])
-    assert training["train_wall_seconds"] > 0 and training["threads"] >= 1
+    assert training["train_wall_seconds"] > 0 and training["threads"] >= 1 and training["global_changes"] is True
     assert cfg["calibration"]["kind"] == "linear"
     est = PatchQualityEstimator.from_pretrained(out)
     assert est.grid_size == (16, 16) and est.flip_invariant
@@ -49,8 +49,15 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
     assert train_main([*args, "--minutes", f"{minutes:.4f}", "--exclude-subjects", "beta"]) == 0
     assert "resuming from" in capsys.readouterr().out
     # resuming under another clock is refused (the budget would mix CPU and wall seconds)
-    with pytest.raises(UserError, match="--clock cpu"):
+    with pytest.raises(UserError, match="clock cpu"):
         train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--clock", "wall"])
+    # so is a resume with other labels or global changes (the steps done trained on something else)
+    with pytest.raises(UserError, match=r"soft_labels True \(now False\)"):
+        train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--hard-labels"])
+    with pytest.raises(UserError, match=r"global_changes True \(now False\)"):
+        train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--no-global-changes"])
+    with pytest.raises(UserError, match="--no-global-changes needs --recipe offgrid"):
+        train_main([*args, "--minutes", "1", "--recipe", "grid", "--no-global-changes"])
     again = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
     assert again["step"] > training["step"]
 
