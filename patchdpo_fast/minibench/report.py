@@ -279,6 +279,17 @@ def _bar_chart(agg: dict[str, Any], rows: list[tuple[str, str]], path: Path) -> 
     return save_image_atomic(img, path)
 
 
+def _split_sentence(bench: Any) -> str:
+    """Which training subjects the pre-training saw and which ones the pairs were built on."""
+    pretrain, pairs = bench.subject_split()
+    if bench.settings.world.pair_only_subjects == 0:
+        return f"Pre-training and pairs: the same {len(pretrain)} training subjects."
+    return (
+        f"Pre-training on {len(pretrain)} training subjects; pairs built on {len(pairs)} other training subjects the "
+        "pre-training never saw (`--pair-only-subjects`)."
+    )
+
+
 def write_report(bench: Any) -> dict[str, Any]:
     """Write ``results.json``, ``report.md``, ``samples_grid.png`` and ``metrics_bars.png`` into the run folder."""
     infos = {}
@@ -308,7 +319,7 @@ def write_report(bench: Any) -> dict[str, Any]:
         f"{s.eval.sampler_steps} DDIM steps, guidance {s.eval.guidance}. Mean ± std over {len(seeds)} finetuning "
         f"seed(s) {list(seeds)}; for a seed every model starts from the same noise. Finetuning: {s.finetune.steps} "
         f"steps x {s.finetune.pairs_per_batch} pairs, lr {s.finetune.lr}, beta {s.finetune.beta} (DPO losses), only "
-        "the IP K/V projections train (the paper's recipe).",
+        "the IP K/V projections train (the paper's recipe). " + _split_sentence(bench),
         "",
         "Columns: ID-sim = identity-embedding cosine to the subject's reference (DINO analogue); Detail-acc = pattern, "
         "pattern colour and emblem read correctly (the local detail PatchDPO targets; CLIP-I analogue); Prompt-acc = "

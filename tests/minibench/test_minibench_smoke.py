@@ -40,6 +40,8 @@ def test_smoke_run_connects_every_stage_and_resumes(tmp_path, capsys):
         assert (tmp_path / "pub" / name).is_file()
     report = (out / "report.md").read_text()
     assert "| Method | ID-sim (DINO) | Detail-acc (CLIP-I) | Prompt-acc (CLIP-T)" in report
+    n_train = len(bench.world.train_subjects)
+    assert f"Pre-training and pairs: the same {n_train} training subjects." in report
 
     # a rerun finds every stage done and does nothing
     capsys.readouterr()

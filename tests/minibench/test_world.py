@@ -76,3 +76,21 @@ def test_bad_world_settings():
         MiniWorld(num_subjects=4, num_heldout=4)
     with pytest.raises(ValueError, match="multiple of 8"):
         MiniWorld(resolution=30)
+
+
+def test_pair_only_subjects_split_the_training_subjects(tmp_path):
+    from patchdpo_fast.minibench.report import _split_sentence
+    from patchdpo_fast.minibench.runner import Minibench
+    from patchdpo_fast.minibench.settings import preset
+
+    settings = preset("smoke")
+    n_train = len(Minibench(tmp_path / "same", settings).world.train_subjects)
+    settings.world.pair_only_subjects = 2
+    bench = Minibench(tmp_path / "split", settings)
+    pretrain, pairs = bench.subject_split()
+    assert len(pairs) == 2 and len(pretrain) == n_train - 2
+    assert not {s.name for s in pretrain} & {s.name for s in pairs}
+    assert f"Pre-training on {n_train - 2} training subjects; pairs built on 2 other" in _split_sentence(bench)
+    settings.world.pair_only_subjects = n_train
+    with pytest.raises(ValueError, match="pair_only_subjects"):
+        Minibench(tmp_path / "bad", settings).subject_split()
