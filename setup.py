@@ -45,6 +45,7 @@ setup(
             "accelerate>=0.33",
             "bitsandbytes>=0.43",
             "deepspeed>=0.14",
+            "peft>=0.15",  # LoRA on the UNet (model.trainable=unet_lora), as diffusers uses it
             "pydantic>=2.5",
             "PyYAML>=6.0",
             "tqdm>=4.66",

@@ -28,10 +28,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "TRAINABLE_MODES",
     "CacheConfig",
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
+    "LoraSettings",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -95,8 +97,59 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: Values of ``model.trainable``: what the optimizer updates (see :class:`ModelConfig`).
+TRAINABLE_MODES = ("ip_adapter", "unet_lora", "unet", "ip_adapter+unet_lora", "ip_adapter+unet")
+
+
+class LoraSettings(_Section):
+    """The LoRA put on the UNet by ``model.trainable: unet_lora`` (peft, as diffusers' ``unet.add_adapter`` uses it).
+
+    The default targets are the attention projections of every UNet attention layer (self- and cross-attention),
+    as diffusers' Diffusion-DPO example trains them. The LoRA's B matrices start at zero, so at step 0 the LoRA
+    model is exactly the base UNet.
+    """
+
+    rank: PositiveInt = Field(8, description="LoRA rank r.")
+    alpha: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="LoRA alpha (the update is scaled by alpha / rank); null means alpha = rank."
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names (suffixes) that get a LoRA, as peft matches them.",
+    )
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="Dropout on the LoRA branch's input.")
+
+    @property
+    def effective_alpha(self) -> float:
+        """``alpha`` with ``null`` resolved to the rank."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraSettings:
+        if not self.target_modules or any(not isinstance(n, str) or not n.strip() for n in self.target_modules):
+            raise _SubKeyError("target_modules", "give at least one non-empty module name, e.g. [to_q, to_k]")
+        if any(n.endswith(("_ip", "processor")) or ".processor." in n for n in self.target_modules):
+            raise _SubKeyError(
+                "target_modules", "the IP-Adapter's own projections are trained as the adapter, not through a LoRA"
+            )
+        return self
+
+
 class ModelConfig(_Section):
-    """The personalized generator: IP-Adapter-Plus on an SDXL UNet (or a tiny random-initialized stand-in)."""
+    """The personalized generator: IP-Adapter-Plus on an SDXL UNet (or a tiny random-initialized stand-in).
+
+    ``trainable`` chooses what trains (and so what the DPO reference model is):
+
+    * ``ip_adapter`` (default) – the IP-Adapter's K/V projections (plus the resampler with ``train_resampler``);
+      the UNet is frozen; the DPO reference is a frozen copy of the initial adapter on the same UNet.
+    * ``unet_lora`` – a LoRA on the UNet (``model.lora``); the adapter is frozen; the DPO reference is the same
+      UNet with the LoRA switched off (no second copy).
+    * ``unet`` – the whole UNet (full finetuning, fp32 master weights); the adapter is frozen; the DPO losses get a
+      frozen reference copy of the initial UNet and adapter in ``reference_dtype`` (sharded by ZeRO-3 like the
+      policy under DeepSpeed stage 3). mse, patch_weighted_mse and reconstruction build no reference.
+    * ``ip_adapter+unet_lora`` / ``ip_adapter+unet`` – both the adapter and the UNet (LoRA or full) train; the
+      reference is the initial adapter on the LoRA-off UNet, or the frozen copy of the initial UNet and adapter.
+    """
 
     tiny: bool = Field(True, description="Build a tiny random-initialized architecture instead of loading SDXL.")
     tiny_seed: int = Field(0, description="Seed of the tiny model's random initialization.")
@@ -117,18 +170,57 @@ class ModelConfig(_Section):
     train_resampler: bool = Field(
         False, description="Also train the Resampler; the official recipe trains only the IP attention K/V projections."
     )
+    trainable: Literal[TRAINABLE_MODES] = Field(  # type: ignore[valid-type]
+        "ip_adapter", description="What trains: " + ", ".join(TRAINABLE_MODES) + " (see the class docstring)."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The UNet LoRA of trainable=unet_lora.")
+    reference_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "dtype of the frozen reference UNet of trainable=unet with a DPO loss; auto = the training precision "
+            "(train.mixed_precision: no -> fp32, bf16 -> bf16, fp16 -> fp16), the cheapest one the config allows."
+        ),
+    )
     train_unet: bool = Field(
         False,
         description=(
-            "Also train the UNet itself (full finetuning, fp32 master weights), e.g. to pretrain a personalized model "
-            "from scratch with loss.type=reconstruction. Only with losses that need no reference model."
+            "Older spelling of trainable=ip_adapter+unet (train the UNet and the adapter, e.g. to pretrain a "
+            "personalized model from scratch with loss.type=reconstruction)."
         ),
     )
     gradient_checkpointing: bool = False
     ip_scale: Annotated[float, Field(ge=0.0)] = Field(1.0, description="Scale of the image-prompt attention branch.")
 
+    @property
+    def effective_trainable(self) -> str:
+        """``trainable`` with the older ``train_unet: true`` resolved (``ip_adapter+unet``)."""
+        return "ip_adapter+unet" if self.train_unet else self.trainable
+
+    @property
+    def trains_adapter(self) -> bool:
+        """Whether the IP-Adapter (K/V projections, optionally the resampler) trains."""
+        return "ip_adapter" in self.effective_trainable.split("+")
+
+    @property
+    def unet_training(self) -> Literal["frozen", "lora", "full"]:
+        """How the UNet trains: ``frozen``, ``lora`` or ``full``."""
+        parts = self.effective_trainable.split("+")
+        return "lora" if "unet_lora" in parts else "full" if "unet" in parts else "frozen"
+
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
+        if self.train_unet and self.trainable != "ip_adapter":
+            raise _SubKeyError(
+                "train_unet",
+                f"is the older spelling of model.trainable=ip_adapter+unet; with model.trainable={self.trainable} "
+                "set train_unet: false",
+            )
+        if self.train_resampler and not self.trains_adapter:
+            raise _SubKeyError(
+                "train_resampler",
+                f"model.trainable={self.effective_trainable} keeps the adapter frozen; train_resampler needs "
+                "'ip_adapter' in model.trainable",
+            )
         if self.tiny:
             for name in ("pretrained_path", "image_encoder_path"):
                 if getattr(self, name) is not None:
@@ -305,7 +397,15 @@ class TrainLoopConfig(_Section):
     )
     export_dtype: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16",
-        description="Dtype of the exported ip_adapter.safetensors (fp16 like the official files; fp32 on request).",
+        description=(
+            "Dtype of the exported ip_adapter.safetensors and of the exported UNet LoRA (fp16 like the official "
+            "files; fp32 on request)."
+        ),
+    )
+    unet_export_dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp32",
+        description="Dtype of the exported full UNet (unet/ folder) when the UNet trains in full: fp32 keeps the "
+        "master weights as trained, fp16 halves the folder.",
     )
     nan_policy: Literal["skip", "error"] = Field("skip", description="On a non-finite loss: skip the step or fail.")
     max_nan_skips: NonNegativeInt = Field(10, description="With nan_policy=skip, fail after this many skipped steps.")
@@ -386,12 +486,6 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.model.train_unet and self.loss.uses_reference_model:
-            raise _SubKeyError(
-                "model.train_unet",
-                f"loss.type={self.loss.type} needs a frozen reference model, which a trained UNet does not provide "
-                "yet; use mse, patch_weighted_mse or reconstruction",
-            )
         if self.loss.type == "reconstruction" and self.loss.pair_order != "reference_wins":
             raise _SubKeyError("loss.pair_order", "loss.type=reconstruction has no winners and losers")
         if self.optim.optimizer == "adamw8bit" and self.deepspeed.offload_optimizer:

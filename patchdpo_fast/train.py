@@ -57,10 +57,12 @@ from patchdpo_fast.training.checkpoint import (
     verify_checkpoint,
 )
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
+from patchdpo_fast.training.export import EXPORT_DTYPES, export_run
 from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
 from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
 from patchdpo_fast.training.state_io import atomic_write_json, load_state, save_state
+from patchdpo_fast.training.trainable import TrainableMode, TrainableSetup, setup_trainable
 from patchdpo_fast.utils import write_safetensors
 
 __all__ = ["TrainResult", "main", "train"]
@@ -68,7 +70,7 @@ __all__ = ["TrainResult", "main", "train"]
 logger = logging.getLogger("patchdpo_fast.train")
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_EXPORT_DTYPES = EXPORT_DTYPES  # the export dtypes (patchdpo_fast.training.export)
 
 
 @dataclass
@@ -231,8 +233,8 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
         ip_scale=m.ip_scale,
         num_ip_tokens=m.num_ip_tokens,
         gradient_checkpointing=m.gradient_checkpointing,
-        train_unet=m.train_unet,
-        reference=cfg.loss.uses_reference_model,  # only the DPO losses read the reference adapter
+        # what trains; only the DPO losses with a training adapter read the in-module reference adapter
+        **TrainableMode.from_config(m).build_kwargs(cfg.loss.uses_reference_model),
     )
     return models
 
@@ -269,7 +271,7 @@ def _check_reference(path: Path, stored: dict[str, Any] | None, current: dict[st
     )
 
 
-def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
+def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv, trainable: TrainableSetup | None = None) -> Any:
     from patchdpo_fast.training.engine import DeepSpeedEngine, PlainEngine
 
     o, t = cfg.optim, cfg.train
@@ -278,19 +280,23 @@ def _build_engine(cfg: TrainConfig, models: Any, env: DistEnv) -> Any:
     if ds_config is None:
         optimizer = build_optimizer(module.parameters(), o.optimizer, o.lr, o.weight_decay, tuple(o.betas), o.eps)
         scheduler = build_lr_scheduler(optimizer, o.warmup_steps, t.max_steps, o.lr_schedule)
+        reference = trainable.wrap_reference(None) if trainable is not None else None
         return PlainEngine(module, optimizer, scheduler, env, t.gradient_accumulation_steps, o.max_grad_norm,
-                           t.mixed_precision)  # fmt: skip
+                           t.mixed_precision, reference=reference)  # fmt: skip
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = build_optimizer(module.parameters(), o.optimizer, o.lr, o.weight_decay, tuple(o.betas), o.eps)
         ds_config.setdefault("zero_allow_untested_optimizer", True)
-    return DeepSpeedEngine(
+    engine = DeepSpeedEngine(
         module,
         optimizer,
         lambda opt: build_lr_scheduler(opt, o.warmup_steps, t.max_steps, o.lr_schedule),
         ds_config,
         env,
     )
+    if trainable is not None:  # after the policy: ZeRO-3 shards the frozen reference UNet like it
+        engine.reference = trainable.wrap_reference(ds_config)
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,7 +356,8 @@ def _remove_previous_run(out_dir: Path, root: Path, existing: list[tuple[int, Pa
     if root.exists():
         shutil.rmtree(root)
         removed.append(f"{len(existing)} checkpoint(s) up to {existing[-1][1].name}")
-    for name in ("ip_adapter.safetensors", "summary.json", "metrics.jsonl", "run.json", "tensorboard"):
+    for name in ("ip_adapter.safetensors", "unet", "unet_lora", "summary.json", "metrics.jsonl", "run.json",
+                 "tensorboard"):  # fmt: skip
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -501,7 +508,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _save_checkpoint(
     cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run,
-    reference: dict[str, Any] | None = None,
+    reference: dict[str, Any] | None = None, trainable: TrainableSetup | None = None,
 ) -> Path:  # fmt: skip
     root = Path(cfg.train.output_dir) / "checkpoints"
     ckpt = CheckpointDir(root, step, run.run_id)
@@ -511,7 +518,8 @@ def _save_checkpoint(
     global_state, rank_state = engine.state()  # collective for DeepSpeed
     with engine.gathered():
         adapter = models.adapter_state_dict() if env.is_main else None
-        unet = models.ip_unet.unet_state_dict() if env.is_main and cfg.model.train_unet else None
+        # the UNet side of the mode (unet.safetensors, unet_lora.safetensors); the reference is never stored
+        unet_files = trainable.checkpoint_tensors(models.ip_unet) if env.is_main and trainable is not None else {}
     if rank_state is not None:
         save_state(rank_state, ckpt.tmp / f"engine_rank{env.rank}")
         ckpt.record_digests([f"engine_rank{env.rank}.json", f"engine_rank{env.rank}.safetensors"], f"rank{env.rank}")
@@ -519,8 +527,8 @@ def _save_checkpoint(
         # the policy only, straight from the weights (no copy); the reference adapter is recorded, not stored
         meta = {"reference": json.dumps(reference)} if reference is not None else None
         write_safetensors(adapter, ckpt.tmp / "adapter.safetensors", metadata=meta)
-        if unet is not None:
-            write_safetensors(unet, ckpt.tmp / "unet.safetensors")
+        for name, tensors in unet_files.items():
+            write_safetensors(tensors, ckpt.tmp / name)
         save_state(
             {
                 "engine": global_state,
@@ -553,10 +561,10 @@ def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
 
 
 def _load_adapter_weights(
-    path: Path, models: Any, reference: dict[str, Any] | None, train_unet: bool = False
+    path: Path, models: Any, reference: dict[str, Any] | None, trainable: TrainableSetup | None = None
 ) -> dict[str, Any] | None:
-    """Load a checkpoint's policy adapter (and its UNet when ``train_unet``) after checking its reference record;
-    returns the run's reference record.
+    """Load a checkpoint's policy adapter (and the UNet side of ``trainable``'s mode: the UNet or its LoRA) after
+    checking its reference record; returns the run's reference record.
 
     Checkpoints written before the reference was left out hold its weights: they are loaded into the reference.
     """
@@ -569,11 +577,8 @@ def _load_adapter_weights(
     with safe_open(str(file), framework="pt") as handle:
         stored = json.loads((handle.metadata() or {}).get("reference", "null"))
     _check_reference(path, stored, reference)
-    if train_unet:
-        unet_file = path / "unet.safetensors"
-        if not unet_file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no unet.safetensors, but model.train_unet is true")
-        models.ip_unet.load_unet_state_dict(load_file(str(unet_file)))
+    if trainable is not None:
+        trainable.load_checkpoint(path, models.ip_unet)
     if models.load_adapter_state_dict(load_file(str(file))):  # an older checkpoint that stored the reference
         return None if reference is None else {**reference, "sha256": models.ip_unet.reference_fingerprint()}
     return reference
@@ -610,6 +615,8 @@ def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x
     if l_cfg.type == "reconstruction":
         return compute_loss("mse", pred, target, None, None, l_cfg.beta, l_cfg.backend)
     ref_pred = engine.reference_forward(*args) if l_cfg.uses_reference_model else None
+    if ref_pred is not None and ref_pred.dtype != pred.dtype:  # a reference UNet kept in a cheaper dtype
+        ref_pred = ref_pred.to(pred.dtype)
     weight = loss_weights(l_cfg.type, l_cfg.effective_weight_mode, q_win, q_lose, tuple(pred.shape[-2:]))
     return compute_loss(l_cfg.type, pred, target, ref_pred, weight, l_cfg.beta, l_cfg.backend)
 
@@ -680,13 +687,15 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         logger.info("output directory: %s (rank 0 of %d, device %s)", out_dir, env.world_size, env.device)
 
     models = _build_models(cfg, env)
+    # what trains (LoRA on, the frozen reference UNet copied from the initial weights) before any checkpoint loads
+    trainable = setup_trainable(cfg, models)
     reference = _reference_record(cfg, models)  # hashed before DeepSpeed casts or partitions anything
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
         with _reading_checkpoint(ckpt_path):
-            reference = _load_adapter_weights(ckpt_path, models, reference, cfg.model.train_unet)
+            reference = _load_adapter_weights(ckpt_path, models, reference, trainable)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
-    engine = _build_engine(cfg, models, env)
+    engine = _build_engine(cfg, models, env, trainable)
 
     from patchdpo_fast.data import ResumableSampler
 
@@ -796,7 +805,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         if progress is not None:
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run, reference)
+            last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run, reference,
+                                         trainable)  # fmt: skip
         _maybe_sample(cfg, env, engine, models, step, force=step == t_cfg.max_steps)
 
     if progress is not None:
@@ -808,13 +818,12 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     adapter_path = None
     with engine.gathered():
         if env.is_main:
-            export_dtype = _EXPORT_DTYPES[cfg.train.export_dtype]
-            adapter_path = models.export_ip_adapter(out_dir / "ip_adapter.safetensors", dtype=export_dtype)
-            if cfg.model.train_unet:
-                models.export_unet(out_dir / "unet")  # the UNet keeps its training dtype (fp32 master weights)
+            exports = export_run(cfg, models, trainable.mode, out_dir)  # adapter, UNet LoRA or full UNet
+            adapter_path = exports["adapter"]
             atomic_write_json(
                 out_dir / "summary.json",
                 {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),
+                 "exports": {k: str(v) for k, v in exports.items()}, "trainable": trainable.mode.name,
                  "fixed_batch_loss_start": eval_start, "fixed_batch_loss_end": eval_end,
                  "last_checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": env.world_size},
             )  # fmt: skip
@@ -842,8 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an output_dir holding another run (deletes its checkpoints)")  # fmt: skip
     parser.add_argument("--export-dtype", choices=sorted(_EXPORT_DTYPES), default=None,
-                        help="dtype of the exported ip_adapter.safetensors (same as --set train.export_dtype=...; "
-                             "default fp16 like the official files, fp32 keeps the exact master weights)")  # fmt: skip
+                        help="dtype of the exported ip_adapter.safetensors and UNet LoRA (same as --set "
+                             "train.export_dtype=...; default fp16 like the official files, fp32 keeps the exact "
+                             "master weights)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -379,6 +379,7 @@ def build_models(
     gradient_checkpointing: bool = False,
     train_unet: bool = False,
     reference: bool = True,
+    train_adapter: bool = True,
 ) -> PatchDPOModels:
     """Build IP-Adapter-Plus on SDXL for PatchDPO training.
 
@@ -405,7 +406,9 @@ def build_models(
         train_unet: also train the UNet's own weights (full finetuning; the UNet is kept in fp32 then, whatever
             ``weight_dtype``, as trainable master weights are).
         reference: build the frozen reference adapter (a copy of the initial adapter) that the DPO losses need;
-            the trainer passes ``False`` for the other losses.
+            the trainer passes ``False`` for the other losses and whenever the adapter does not train.
+        train_adapter: train the IP-Adapter (``False``: only the UNet, or a LoRA on it, trains; see
+            :mod:`patchdpo_fast.training.trainable`).
 
     Raises:
         FileNotFoundError: a given folder or file does not exist (the message names it).
@@ -472,6 +475,7 @@ def build_models(
             ip_scale=ip_scale,
             train_unet=train_unet,
             reference=reference,
+            train_adapter=train_adapter,
         )
     if adapter_groups is not None:
         ip_unet.load_ip_adapter_weights(adapter_groups, update_reference=True)

@@ -121,7 +121,10 @@ class IPAdapterUNet(nn.Module):
         train_resampler: train the resampler too (and, with ``reference``, keep a frozen reference copy of it).
         train_unet: also train the UNet's own weights (full finetuning, e.g. to pretrain a model from scratch). The
             reference adapter would then run on the *trained* UNet, so it is no DPO reference model: a forward with
-            ``use_reference=True`` raises.
+            ``use_reference=True`` raises (the trainer keeps a separate frozen copy as the reference instead).
+        train_adapter: train the IP K/V projections (and the resampler with ``train_resampler``); ``False`` keeps
+            the adapter frozen, as when only the UNet (or a LoRA on it, :meth:`add_unet_lora`) trains. A frozen
+            adapter is its own reference: ``use_reference=True`` then needs no reference copy.
         attention_backend: ``"sdpa"``, ``"xformers"`` or ``"eager"`` for every attention layer of the UNet.
         xformers_fallback: fall back to ``"sdpa"`` with a warning (True) or raise (False) if xformers is unusable.
         ip_scale: weight of the image branch in every IP processor.
@@ -145,6 +148,7 @@ class IPAdapterUNet(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
         train_unet: bool = False,
         reference: bool = True,
+        train_adapter: bool = True,
     ) -> None:
         super().__init__()
         cross_dim = unet.config.cross_attention_dim
@@ -157,6 +161,7 @@ class IPAdapterUNet(nn.Module):
         self.image_proj = resampler
         self.train_resampler = train_resampler
         self.train_unet = train_unet
+        self.train_adapter = bool(train_adapter)
         self.ref_image_proj: Resampler | None = None
         self._reference = bool(reference)
         self._use_reference = False
@@ -204,8 +209,8 @@ class IPAdapterUNet(nn.Module):
     def _set_trainable(self) -> None:
         self.unet.requires_grad_(False)
         for proc in self.ip_processors.values():
-            proc.to_k_ip.requires_grad_(True)
-            proc.to_v_ip.requires_grad_(True)
+            proc.to_k_ip.requires_grad_(self.train_adapter)
+            proc.to_v_ip.requires_grad_(self.train_adapter)
             if proc.has_reference:
                 proc.ref_k_ip.requires_grad_(False)
                 proc.ref_v_ip.requires_grad_(False)
@@ -213,13 +218,97 @@ class IPAdapterUNet(nn.Module):
             for name, param in self.unet.named_parameters():
                 if not _is_processor_key(name):
                     param.requires_grad_(True)
-        self.image_proj.requires_grad_(self.train_resampler)
+        for _, param in self.unet_lora_parameters():
+            param.requires_grad_(True)
+        self.image_proj.requires_grad_(self.train_resampler and self.train_adapter)
         if self.train_resampler and self._reference:
             if self.ref_image_proj is None:
                 self.ref_image_proj = copy.deepcopy(self.image_proj)
             self.ref_image_proj.requires_grad_(False)
         else:
             self.ref_image_proj = None
+
+    # ------------------------------------------------------------------ UNet LoRA
+    @property
+    def has_unet_lora(self) -> bool:
+        """Whether :meth:`add_unet_lora` put a LoRA on the UNet."""
+        return bool(getattr(self.unet, "peft_config", None))
+
+    def add_unet_lora(
+        self,
+        rank: int,
+        alpha: float | None = None,
+        target_modules: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        dropout: float = 0.0,
+    ) -> None:
+        """Put a trainable LoRA (peft, through diffusers' ``unet.add_adapter``) on the UNet's ``target_modules``.
+
+        The IP processors keep calling the wrapped ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0``, so the LoRA acts in
+        every attention layer, the IP cross-attentions included; the IP-Adapter's own ``to_k_ip`` / ``to_v_ip`` are
+        not LoRA targets. B starts at zero (the LoRA model equals the base UNet at step 0). The LoRA weights are fp32
+        master weights whatever the UNet's dtype. ``use_reference=True`` runs the UNet with the LoRA switched off.
+        """
+        from peft import LoraConfig
+
+        if self.has_unet_lora:
+            raise RuntimeError("the UNet already has a LoRA")
+        if self.train_unet:
+            raise ValueError("a LoRA on a fully trained UNet makes no sense: choose one of train_unet and a LoRA")
+        config = LoraConfig(
+            r=int(rank),
+            lora_alpha=float(rank if alpha is None else alpha),
+            target_modules=list(target_modules),
+            lora_dropout=float(dropout),
+            init_lora_weights="gaussian",
+        )
+        try:
+            self.unet.add_adapter(config)
+        except ValueError as exc:  # peft: no module matched
+            raise ValueError(f"model.lora.target_modules {list(target_modules)}: {exc}") from None
+        for _, param in self.unet_lora_parameters():
+            param.data = param.data.float()
+        self._set_trainable()
+
+    def unet_lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the UNet LoRA's weights (names relative to the UNet); empty without a LoRA."""
+        if not self.has_unet_lora:
+            return []
+        return [(n, p) for n, p in self.unet.named_parameters() if ".lora_" in n and not _is_processor_key(n)]
+
+    def unet_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA's tensors (detached, not copied) keyed by their UNet parameter names (checkpoint format)."""
+        return {n: p.detach() for n, p in self.unet_lora_parameters()}
+
+    @torch.no_grad()
+    def load_unet_lora_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`unet_lora_state_dict` output (strict: every key, matching shapes)."""
+        ours = self.unet_lora_state_dict()
+        missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
+        if missing or unexpected:
+            raise KeyError(f"UNet LoRA state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for key, target in ours.items():
+            value = state_dict[key]
+            if value.shape != target.shape:
+                raise ValueError(f"LoRA {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
+            target.copy_(value)
+
+    @contextlib.contextmanager
+    def unet_lora_disabled(self) -> Iterator[None]:
+        """Context manager: the UNet runs without its LoRA (the base UNet, bit for bit); a no-op without one.
+
+        Uses diffusers' ``disable_adapters`` / ``enable_adapters`` (peft's adapter toggle), as diffusers' DPO example
+        gets its reference model; the LoRA weights keep their ``requires_grad`` afterwards.
+        """
+        if not self.has_unet_lora:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            for _, param in self.unet_lora_parameters():
+                param.requires_grad_(True)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train: every IP ``to_k_ip``/``to_v_ip`` weight, plus the resampler if enabled."""
@@ -386,19 +475,22 @@ class IPAdapterUNet(nn.Module):
                 "the UNet trains (train_unet=True), so the reference adapter on it is not a frozen reference model; "
                 "DPO losses are not available in this mode"
             )
-        if use_reference:
+        # the reference adapter: its frozen copy, or the adapter itself when it does not train
+        ref_adapter = bool(use_reference) and (self._reference or self.train_adapter)
+        if ref_adapter:
             self._require_reference()
         grad_ctx = torch.no_grad() if use_reference else contextlib.nullcontext()
+        lora_ctx = self.unet_lora_disabled() if use_reference else contextlib.nullcontext()
         dtype = self.unet.conv_in.weight.dtype
-        with grad_ctx:
-            tokens = self.ip_tokens(image_features, use_reference=use_reference)
+        with grad_ctx, lora_ctx:
+            tokens = self.ip_tokens(image_features, use_reference=ref_adapter)
             encoder_hidden_states = torch.cat([prompt_embeds.to(dtype), tokens.to(dtype)], dim=1)
             return self.unet(
                 noisy_latents.to(dtype),
                 timesteps,
                 encoder_hidden_states=encoder_hidden_states,
                 added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
-                cross_attention_kwargs={"use_reference": bool(use_reference)},
+                cross_attention_kwargs={"use_reference": ref_adapter},
                 return_dict=False,
             )[0]
 

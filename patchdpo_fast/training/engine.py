@@ -30,8 +30,12 @@ class PlainEngine:
         accumulation_steps: int,
         max_grad_norm: float | None,
         mixed_precision: str,
+        reference: nn.Module | None = None,
     ) -> None:
         self.module = module
+        #: a separate frozen reference model (full UNet finetuning with a DPO loss); None: the reference lives in
+        #: ``module`` (``use_reference=True``: the reference adapter, the UNet with its LoRA off)
+        self.reference = reference
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.env = env
@@ -63,6 +67,9 @@ class PlainEngine:
 
     @torch.no_grad()
     def reference_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The frozen reference model's prediction (no gradients)."""
+        if self.reference is not None:
+            return self.reference(*args, use_reference=False, **kwargs)
         return self.module(*args, use_reference=True, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -156,12 +163,17 @@ class DeepSpeedEngine:
         self.env = env
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.last_grad_norm: float | None = None
+        #: a separate frozen reference model, set by the trainer (a DeepSpeed inference engine under ZeRO-3)
+        self.reference: nn.Module | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.engine(*args, **kwargs)
 
     @torch.no_grad()
     def reference_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The frozen reference model's prediction (no gradients)."""
+        if self.reference is not None:
+            return self.reference(*args, use_reference=False, **kwargs)
         return self.module(*args, use_reference=True, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
