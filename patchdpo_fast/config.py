@@ -379,6 +379,14 @@ class OptimConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="After linear warmup: constant, or linear / cosine decay to 0 at train.max_steps."
     )
+    use_ema: bool = Field(
+        False,
+        description=(
+            "Keep an fp32 exponential moving average of the trainable weights (checkpointed; the exports are written "
+            "from it). One more fp32 copy of what trains; not with DeepSpeed ZeRO-3."
+        ),
+    )
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.9999, description="EMA decay per optimizer step.")
 
 
 class TrainLoopConfig(_Section):
@@ -488,6 +496,10 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if self.loss.type == "reconstruction" and self.loss.pair_order != "reference_wins":
             raise _SubKeyError("loss.pair_order", "loss.type=reconstruction has no winners and losers")
+        if self.optim.use_ema and self.deepspeed.zero_stage == 3:
+            raise _SubKeyError(
+                "optim.use_ema", "the moving average needs whole weights on every rank; ZeRO-3 shards them"
+            )
         if self.optim.optimizer == "adamw8bit" and self.deepspeed.offload_optimizer:
             raise _SubKeyError(
                 "optim.optimizer", "adamw8bit cannot be combined with DeepSpeed CPU optimizer offload; use adamw"

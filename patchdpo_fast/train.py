@@ -57,6 +57,7 @@ from patchdpo_fast.training.checkpoint import (
     verify_checkpoint,
 )
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
+from patchdpo_fast.training.ema import EMA_FILE, EMAWeights, build_ema
 from patchdpo_fast.training.export import EXPORT_DTYPES, export_run
 from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
@@ -508,7 +509,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _save_checkpoint(
     cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step: int, consumed: int, nan_skips: int, run: _Run,
-    reference: dict[str, Any] | None = None, trainable: TrainableSetup | None = None,
+    reference: dict[str, Any] | None = None, trainable: TrainableSetup | None = None, ema: EMAWeights | None = None,
 ) -> Path:  # fmt: skip
     root = Path(cfg.train.output_dir) / "checkpoints"
     ckpt = CheckpointDir(root, step, run.run_id)
@@ -529,6 +530,8 @@ def _save_checkpoint(
         write_safetensors(adapter, ckpt.tmp / "adapter.safetensors", metadata=meta)
         for name, tensors in unet_files.items():
             write_safetensors(tensors, ckpt.tmp / name)
+        if ema is not None:
+            write_safetensors(ema.state_dict(), ckpt.tmp / EMA_FILE)
         save_state(
             {
                 "engine": global_state,
@@ -551,8 +554,14 @@ def _save_checkpoint(
     return ckpt.final
 
 
-def _load_checkpoint(path: Path, env: DistEnv, engine: Any) -> dict[str, Any]:
+def _load_checkpoint(path: Path, env: DistEnv, engine: Any, ema: EMAWeights | None = None) -> dict[str, Any]:
     trainer = load_state(path / "trainer")
+    if ema is not None:
+        from safetensors.torch import load_file
+
+        if not (path / EMA_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {EMA_FILE}, but optim.use_ema is true")
+        ema.load_state_dict(load_file(str(path / EMA_FILE)))
     rank_file = path / f"engine_rank{env.rank}"
     rank_state = load_state(rank_file) if rank_file.with_suffix(".json").exists() else None
     engine.load_state(trainer["engine"], rank_state)
@@ -695,6 +704,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
             reference = _load_adapter_weights(ckpt_path, models, reference, trainable)
     dataset, cached = _build_data(cfg, models, env)
     inputs = _Inputs(cfg, models, env, cached)
+    # the moving average starts from the (resumed) fp32 weights, before DeepSpeed casts them
+    ema = build_ema(cfg, models.ip_unet, resolve_deepspeed_config(cfg, env.world_size))
     engine = _build_engine(cfg, models, env, trainable)
 
     from patchdpo_fast.data import ResumableSampler
@@ -704,7 +715,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     step, nan_skips, consumed = 0, 0, 0
     if ckpt_path is not None:
         with _reading_checkpoint(ckpt_path):
-            trainer = _load_checkpoint(ckpt_path, env, engine)
+            trainer = _load_checkpoint(ckpt_path, env, engine, ema)
         if trainer["world_size"] != env.world_size and cfg.deepspeed.enabled:
             raise CheckpointError(f"checkpoint {ckpt_path} was written by {trainer['world_size']} ranks; resuming "
                                   f"DeepSpeed ZeRO state needs the same number, got {env.world_size}")  # fmt: skip
@@ -760,7 +771,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
                 skipped_step = True
                 continue
             engine.backward(out.loss)
-            engine.step()
+            if engine.step() and ema is not None:
+                ema.update()
             window.append(
                 {
                     "loss": loss_value,
@@ -806,7 +818,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
             progress.update(1)
         if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
             last_ckpt = _save_checkpoint(cfg, env, engine, models, step, consumed, nan_skips, run, reference,
-                                         trainable)  # fmt: skip
+                                         trainable, ema)  # fmt: skip
         _maybe_sample(cfg, env, engine, models, step, force=step == t_cfg.max_steps)
 
     if progress is not None:
@@ -818,7 +830,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     adapter_path = None
     with engine.gathered():
         if env.is_main:
-            exports = export_run(cfg, models, trainable.mode, out_dir)  # adapter, UNet LoRA or full UNet
+            with ema.applied() if ema is not None else contextlib.nullcontext():  # exports hold the average
+                exports = export_run(cfg, models, trainable.mode, out_dir)  # adapter, UNet LoRA or full UNet
             adapter_path = exports["adapter"]
             atomic_write_json(
                 out_dir / "summary.json",

@@ -254,6 +254,7 @@ class Minibench:
                 "max_steps": p.steps,
                 "seed": 0,
                 "export_dtype": "fp32",  # the base model of every finetune: kept as trained
+                "unet_export_dtype": "fp32",  # the pretrained UNet folder too
                 "log_every": max(1, min(50, p.steps // 10)),
                 "checkpoint_every": p.checkpoint_every,
                 "keep_checkpoints": None if p.curve_every else 2,
@@ -482,6 +483,7 @@ class Minibench:
                 "max_steps": f.steps,
                 "seed": seed,
                 "export_dtype": "fp32",  # graded as trained
+                "unet_export_dtype": "fp32",
                 "log_every": max(1, min(10, f.steps)),
                 "checkpoint_every": max(1, f.steps // 2),
                 "keep_checkpoints": 1,
