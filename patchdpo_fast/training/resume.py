@@ -52,6 +52,7 @@ RESUME_MUTABLE: frozenset[str] = frozenset(
         "train.nan_policy",
         "train.max_nan_skips",
         "train.export_dtype",
+        "train.unet_export_dtype",
         "data.num_workers",
         "data.validate_files",
         "data.on_bad_record",
