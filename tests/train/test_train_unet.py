@@ -50,10 +50,12 @@ def test_only_the_unet_and_the_adapter_train():
                        torch.zeros(1, 6), torch.zeros(1, 17, 32), use_reference=True)  # fmt: skip
 
 
-def test_dpo_losses_are_refused_with_a_trained_unet(tmp_path):
+def test_dpo_losses_with_a_trained_unet_get_a_frozen_reference_unet(tmp_path):
+    # model.train_unet is the older spelling of model.trainable=ip_adapter+unet: the DPO losses train against a
+    # frozen copy of the initial UNet and adapter (tests/train/test_trainable_modes.py)
     for loss in ("patch_dpo", "diffusion_dpo"):
-        with pytest.raises(ConfigError, match=r"model\.train_unet"):
-            unet_cfg(tmp_path, f"loss.type={loss}")
+        cfg = unet_cfg(tmp_path, f"loss.type={loss}")
+        assert cfg.model.effective_trainable == "ip_adapter+unet" and cfg.loss.uses_reference_model
     with pytest.raises(ConfigError, match=r"loss\.pair_order"):
         unet_cfg(tmp_path, "loss.pair_order=generated_wins")
 
