@@ -46,6 +46,7 @@ from patchdpo_fast.quality.synthetic import (
     _hue_matrix,
     _resize,
     apply_photometric,
+    gaussian_blur,
     map_cells,
     sample_affine,
     warp,
@@ -274,19 +275,10 @@ def _choice(g: torch.Generator, items: tuple, weights: tuple[float, ...] | None 
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(C, H, W)`` with replicate padding."""
+    """Separable Gaussian blur of ``(C, H, W)`` with replicate padding; identity below sigma 0.05."""
     if sigma <= 0.05:
         return x
-    radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[0]
-    y = x[None]
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return y[0]
+    return gaussian_blur(x, sigma, max_radius=min(x.shape[-1], x.shape[-2]) - 1)
 
 
 def region_mask(

@@ -216,8 +216,14 @@ def _pixel_span(c0: int, c1: int, size: int, cells: int) -> tuple[int, int]:
     return (c0 * size + cells - 1) // cells, (c1 * size + cells - 1) // cells
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float, max_radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of ``(C, H, W)`` with replicate padding.
+
+    The kernel reaches ``3 sigma``: at least 1 pixel, at most ``max_radius`` when given.
+    """
     radius = max(1, math.ceil(3 * sigma))
+    if max_radius is not None:
+        radius = min(radius, max_radius)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
@@ -264,7 +270,7 @@ def _corrupt_one(
             sigma = float(_uniform(1, *params.blur_sigma, g)) * cell
             pad = math.ceil(3 * sigma)
             wy0, wy1, wx0, wx1 = max(0, y0 - pad), min(height, y1 + pad), max(0, x0 - pad), min(width, x1 + pad)
-            blurred = _gaussian_blur(out[:, wy0:wy1, wx0:wx1], sigma)
+            blurred = gaussian_blur(out[:, wy0:wy1, wx0:wx1], sigma)
             new = blurred[:, y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
         elif kind == "recolor":
             sign = 1.0 if float(torch.rand(1, generator=g)) < 0.5 else -1.0
