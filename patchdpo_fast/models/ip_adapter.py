@@ -53,6 +53,20 @@ def _is_processor_key(name: str) -> bool:
     return ".processor." in name
 
 
+def _copy_strict(
+    ours: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str, key_label: str
+) -> None:
+    """Copy ``state_dict`` into the tensors ``ours`` (strict: the same keys, matching shapes; no-grad caller)."""
+    missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
+    if missing or unexpected:
+        raise KeyError(f"{what} state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for key, target in ours.items():
+        value = state_dict[key]
+        if value.shape != target.shape:
+            raise ValueError(f"{key_label} {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
+        target.copy_(value)
+
+
 def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
     return unet.get_submodule(processor_name[: -len(".processor")])
 
@@ -282,15 +296,7 @@ class IPAdapterUNet(nn.Module):
     @torch.no_grad()
     def load_unet_lora_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load :meth:`unet_lora_state_dict` output (strict: every key, matching shapes)."""
-        ours = self.unet_lora_state_dict()
-        missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
-        if missing or unexpected:
-            raise KeyError(f"UNet LoRA state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        for key, target in ours.items():
-            value = state_dict[key]
-            if value.shape != target.shape:
-                raise ValueError(f"LoRA {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
-            target.copy_(value)
+        _copy_strict(self.unet_lora_state_dict(), state_dict, "UNet LoRA", "LoRA")
 
     @contextlib.contextmanager
     def unet_lora_disabled(self) -> Iterator[None]:
@@ -569,16 +575,7 @@ class IPAdapterUNet(nn.Module):
     @torch.no_grad()
     def load_unet_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load :meth:`unet_state_dict` output (strict: every key, matching shapes)."""
-        ours = self.unet_state_dict()
-        missing = sorted(set(ours) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(ours))
-        if missing or unexpected:
-            raise KeyError(f"UNet state dict mismatch: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        for key, target in ours.items():
-            value = state_dict[key]
-            if value.shape != target.shape:
-                raise ValueError(f"unet {key}: shape {tuple(value.shape)} != expected {tuple(target.shape)}")
-            target.copy_(value)
+        _copy_strict(self.unet_state_dict(), state_dict, "UNet", "unet")
 
     def export_unet(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write the UNet as a stock diffusers ``unet/`` folder (``config.json`` + safetensors weights).
