@@ -18,6 +18,7 @@
 #   --no-train    skip the training-step stage (only the loss benchmarks, as before it existed)
 #   --train-only  only the training-step stage (no loss or match benchmarks)
 #
+# PATCHDPO_SKIP_WHEELS=1 skips installing .whl/ (a caller that installed them already, benchmarks/gpu_session.sh).
 # RESULTS_DIR (default benchmarks/results) is where every stage writes and where the report generators read.
 # Needs python3 with torch, triton and pytest (the training stage also diffusers, transformers, pydantic, pyyaml,
 # safetensors; bitsandbytes for its 8-bit variants); pytest-benchmark is used when importable. The package does not
@@ -64,7 +65,7 @@ for arg in "$@"; do
     --cpu) DEVICE=cpu ;;
     --no-train) TRAIN=0 ;;
     --train-only) LOSSES=0 ;;
-    -h | --help) sed -n '2,41p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,42p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -98,7 +99,7 @@ elif [ -n "${TRITON_INTERPRET:-}" ]; then
   unset TRITON_INTERPRET
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G "$REPO/.whl/*.whl" > /dev/null; then  # wheels carried by benchmarks/fetch_gpu_wheels.sh
+if [ -z "${PATCHDPO_SKIP_WHEELS:-}" ] && compgen -G "$REPO/.whl/*.whl" > /dev/null; then  # carried wheels (fetch_gpu_wheels.sh)
   echo "== installing carried wheels from .whl/ into /tmp/patchdpo_site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/patchdpo_site \
     "$REPO"/.whl/*.whl
