@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,14 @@ def test_wheel_installs_with_only_the_core(tmp_path):
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-4000:]
     (wheel,) = wheels.glob("patchdpo_fast-*.whl")
+    # every module of the checkout is in the wheel (a folder without __init__.py is skipped by find_packages)
+    with zipfile.ZipFile(wheel) as zf:
+        packed = set(zf.namelist())
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "patchdpo_fast").rglob("*.py")}
+    sources |= {
+        "patchdpo_fast/kernels/" + p.relative_to(REPO / "kernels").as_posix() for p in (REPO / "kernels").rglob("*.py")
+    }
+    assert not sources - packed, sorted(sources - packed)
 
     env_dir = tmp_path / "core_env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
@@ -153,3 +162,14 @@ def test_wheel_installs_with_only_the_core(tmp_path):
     assert cli.returncode == 2
     assert "pip install 'patchdpo_fast[train]'" in cli.stderr
     assert sysconfig.get_paths()["purelib"] != purelib
+
+
+def test_every_package_folder_has_an_init():
+    """setup.py's find_packages skips a folder without ``__init__.py``: an installed wheel would lack its modules
+    (``patchdpo_fast.training`` was missing from wheels until the first GPU session found it)."""
+    missing = sorted(
+        d.relative_to(REPO).as_posix()
+        for d in (REPO / "patchdpo_fast").rglob("*")
+        if d.is_dir() and any(d.glob("*.py")) and not (d / "__init__.py").exists()
+    )
+    assert not missing
