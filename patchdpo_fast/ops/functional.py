@@ -63,8 +63,9 @@ def patch_weighted_mse(
         weight: patch weights ``(N, h, w)`` or ``(N, 1, h, w)`` with ``H % h == W % w == 0``, typically
             ``patchdpo_weights(q_ref, q_gen, "official")``; ``None`` gives the plain MSE.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        check_finite: raise a ValueError if any input holds NaN/Inf (costs one device sync). The (small) weight
-            map is always checked: a non-finite weight is a ValueError on every backend.
+        check_finite: raise a ValueError if any input holds NaN/Inf (costs a device sync on a GPU). On the CPU
+            the (small) weight map is always checked (free there): a non-finite weight is a ValueError on every
+            backend. On a GPU nothing is read back unless asked for, so a call never stalls the host.
 
     Equals ``mean(W * (pred - target)**2)`` of the official code for a full-resolution ``W`` (``s = 1``).
     """
@@ -131,17 +132,23 @@ def patch_dpo_loss(
     return reference.patch_dpo_loss_reference(pred, ref_pred, target, weight, beta)
 
 
-def patchdpo_weights(q_ref: torch.Tensor, q_gen: torch.Tensor, mode: str = "official") -> torch.Tensor:
+def patchdpo_weights(
+    q_ref: torch.Tensor, q_gen: torch.Tensor, mode: str = "official", *, check_values: bool | None = None
+) -> torch.Tensor:
     """Weight maps ``(2B, h, w)`` from quality maps ``q_ref``, ``q_gen`` of shape ``(B, h, w)`` in [0, 1].
 
     ``mode="official"`` gives ``cat[1 - q_ref, q_gen]`` (for :func:`patch_weighted_mse`); ``mode="dpo"`` gives
     ``cat[1 - q_ref, 1 - 2 * q_gen]`` (for :func:`patch_dpo_loss`).
 
+    ``check_values``: check that the maps lie in [0, 1]; ``None`` (default) checks CPU maps only (free there),
+    ``True`` also GPU maps (a device sync), ``False`` never. The trainer checks the maps when it loads them.
+
     Raises:
-        ValueError: maps of the wrong shape or dtype, or values outside [0, 1] or NaN (one device sync).
+        ValueError: maps of the wrong shape or dtype, or (when checked) values outside [0, 1] or NaN.
     """
     check_quality_maps("patchdpo_weights", q_ref, q_gen)
-    check_quality_values("patchdpo_weights", q_ref=q_ref, q_gen=q_gen)
+    if check_values is not False:
+        check_quality_values("patchdpo_weights", force=bool(check_values), q_ref=q_ref, q_gen=q_gen)
     if q_ref.dim() == 4:
         q_ref, q_gen = q_ref[:, 0], q_gen[:, 0]
     return reference.patchdpo_weights_reference(q_ref, q_gen, mode)
