@@ -181,7 +181,12 @@ def test_fused_ops_inside_torch_compile(loss):
 
 @pytest.mark.parametrize("mode", ["ip_adapter", "unet_lora"])
 def test_tiny_training_on_cuda_same_trajectory_for_both_backends(tmp_path, mode):
-    """The tiny trainer on CUDA: Triton and PyTorch loss backends give the same losses step by step (fp32)."""
+    """The tiny trainer on CUDA with the official loss: Triton and PyTorch backends give the same losses (fp32).
+
+    The DPO losses are left out on purpose: with beta = 5000 a 1e-6 difference of the UNet's error (cuDNN picks
+    non-deterministic kernels run to run) moves the logit by 5e-3, so two runs of the same backend already differ
+    by percents after one step; the kernels' DPO outputs are checked against float64 above.
+    """
     if mode == "unet_lora":
         pytest.importorskip("peft")
     from patchdpo_fast.config import load_config
@@ -192,13 +197,34 @@ def test_tiny_training_on_cuda_same_trajectory_for_both_backends(tmp_path, mode)
         cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [
             f"train.output_dir={tmp_path / backend}", f"cache.dir={tmp_path / ('cache_' + backend)}",
             "train.max_steps=12", "train.log_every=1", "train.checkpoint_every=6", f"loss.backend={backend}",
-            f"model.trainable={mode}", "data.procedural.num_pairs=8",
+            f"model.trainable={mode}", "data.procedural.num_pairs=8", "loss.type=patch_weighted_mse",
         ])  # fmt: skip
         result = train(cfg)
         assert result.final_step == 12
+        assert result.fixed_batch_loss_end < result.fixed_batch_loss_start
         histories[backend] = [h["loss"] for h in result.history if "loss" in h]
     a, b = histories["triton"], histories["torch"]
     assert len(a) == len(b) >= 10
-    # fp32 reductions in another order, amplified by beta = 5000 and fed back through Adam: close, not equal
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-2, atol=1e-4)
-    assert a[0] == pytest.approx(math.log(2.0), rel=1e-4)  # patch_dpo at step 0: reference == policy
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fused_ops_never_synchronize_the_device(loss):
+    """A loss call must not stall the host (no value read back): under sync debug mode "error" any synchronizing
+    call raises. The first GPU run found the always-on weight check costing a sync per call."""
+    from patchdpo_fast.ops import patchdpo_weights
+
+    pred, target, ref, _ = _inputs(8, 4, 64, 64, 8, torch.bfloat16, "contiguous", seed=7)
+    q_ref, q_gen = torch.rand(4, 8, 8, device="cuda"), torch.rand(4, 8, 8, device="cuda")
+    p = pred.detach().clone().requires_grad_(True)
+    _run(loss, "triton", p, target, ref, patchdpo_weights(q_ref, q_gen, "dpo"), 3.0).loss.backward()  # warm-up
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weight = patchdpo_weights(q_ref, q_gen, "official" if loss == "patch_weighted_mse" else "dpo")
+        out = _run(loss, "triton", p, target, ref, weight, 3.0)
+        (out.loss * 0.5).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(p.grad).all()
