@@ -663,6 +663,26 @@ def _maybe_sample(cfg: TrainConfig, env: DistEnv, engine: Any, models: Any, step
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_WINDOW_KEYS = ("loss", "model_mse", "implicit_acc", "log_ratio")
+
+
+def _window_means(window: list[dict[str, float]], env: DistEnv) -> dict[str, float]:
+    """The logged metrics of a window of micro-steps: means over the micro-steps and over the ranks.
+
+    Every rank saw the same number of equal micro-batches (a non-finite loss skips the micro-step on all of them), so
+    the mean of the ranks' means is the mean over the global batch, as one rank with the whole batch would log it.
+    One small all-reduce; every rank must call it at the same steps.
+    """
+    keys = [k for k in _WINDOW_KEYS if window and k in window[0]]
+    if not keys:  # every micro-step of the window was skipped, on every rank alike
+        return {}
+    n = len(window)
+    sums = torch.tensor([sum(w.get(k, 0.0) for w in window) / n for k in keys], dtype=torch.float64)
+    if env.distributed:
+        sums = env.all_reduce_sum(sums.to(env.device if env.backend == "nccl" else "cpu")).cpu() / env.world_size
+    return {k: float(v) for k, v in zip(keys, sums, strict=True)}
+
+
 def train(
     cfg: TrainConfig, *, resume: str | None = None, local_rank: int | None = None, overwrite: bool = False
 ) -> TrainResult:
@@ -793,8 +813,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
 
         if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
             elapsed = time.perf_counter() - t_window
-            n = max(1, len(window))
-            record: dict[str, Any] = {k: sum(w.get(k, 0.0) for w in window) / n for k in (window[0] if window else {})}
+            record: dict[str, Any] = _window_means(window, env)
             steps_in_window = t_cfg.log_every if step % t_cfg.log_every == 0 else step % t_cfg.log_every
             record.update(
                 lr=engine.lr(),

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_launch import REPO, run_trainer
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 ZERO2 = REPO / "configs" / "deepspeed" / "zero2.json"
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(tmp_path: Path, name: str, ranks: int, pairs_per_rank: int, *extra: str, ds_json: Path = ZERO2) -> Path:
@@ -43,17 +33,7 @@ def _run(tmp_path: Path, name: str, ranks: int, pairs_per_rank: int, *extra: str
         "loss.type=patch_dpo",
         *extra,
     ]
-    args = ["--config", str(TINY)] + [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("TRITON_INTERPRET", None)  # the reference loss backend keeps the subprocess fast
-    if ranks == 1:
-        env["MASTER_PORT"] = str(_free_port())
-        cmd = [sys.executable, "-m", "patchdpo_fast.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), str(REPO / "patchdpo_fast" / "train.py"), *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_trainer(TINY, overrides, ranks, tmp_path)
     return out
 
 
