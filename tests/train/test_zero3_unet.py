@@ -76,8 +76,9 @@ def test_zero3_two_ranks_match_one_rank_and_resume_exactly(tmp_path, mode):
     averaged over ranks by an all-reduce vs. summed over the batch in one backward; ~1e-7 relative). Step 1 is
     therefore equal to that precision. Later steps inherit it through AdamW, whose update ``g / (|g| + eps)``
     turns that noise into a visible fraction of ``lr`` wherever a clipped gradient entry is near ``eps``, and
-    through ``beta / 2 = 2500`` in the sigmoid: losses and gradient norms agree to 1e-3 and the weights to a few
-    per cent of one step's update, while a missing, doubled or misrouted rank contribution is off by far more.
+    through ``beta / 2 = 2500`` in the sigmoid: losses and gradient norms agree to 1e-3 and the weights to 1% of
+    one step's update. A missing or misrouted rank contribution changes the update itself, a doubled one the
+    gradient norm (2x, where step 1 must agree to 1e-5).
     """
     two = _train(tmp_path, "two", 2, 1, mode)  # 2 ranks x 1 pair
     one = _train(tmp_path, "one", 1, 2, mode)  # 1 rank x 2 pairs: the same global batch, pairs and noise
@@ -103,7 +104,7 @@ def test_zero3_two_ranks_match_one_rank_and_resume_exactly(tmp_path, mode):
     diff_norm = torch.linalg.vector_norm(torch.cat([(a[k] - b[k]).flatten() for k in keys]))
     for k in a:  # an entry whose clipped gradient is near eps may move by up to ~lr (1e-4) differently
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
-    # overall the runs agree to 1% of one step's update (measured: ~2e-4 for both modes)
+    # overall the runs agree to 1% of one step's update (measured: 1.7e-4 unet_lora, 2.7e-4 unet)
     assert step_norm > 0 and diff_norm <= 1e-2 * step_norm, (float(diff_norm), float(step_norm))
 
     # resume the 2-rank run from its step-2 checkpoint: the ZeRO-3 partitions of the UNet side restore exactly
