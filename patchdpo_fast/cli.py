@@ -21,6 +21,10 @@ __all__ = ["COMMANDS", "USER_ERRORS", "describe_user_error", "is_user_error", "m
 #: command -> (module with a ``main(argv)`` function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("patchdpo_fast.train", "train IP-Adapter-Plus with PatchDPO (see configs/)"),
+    "estimate-memory": (
+        "patchdpo_fast.training.memory",
+        "per-GPU memory plan of a config (--world-size, --zero-stage, --offload), built on meta",
+    ),
     "build-pairs": ("patchdpo_fast.data.build_pairs", "generate training pairs with the pre-trained model (manifest)"),
     "import-official": ("patchdpo_fast.data.import_official", "import the official PatchDPO pair layout"),
     "procedural-pairs": ("patchdpo_fast.data.procedural", "write the procedural demo pairs as a manifest"),

@@ -59,6 +59,7 @@ from patchdpo_fast.training.checkpoint import (
 from patchdpo_fast.training.distributed import DistEnv, setup_distributed
 from patchdpo_fast.training.ema import EMA_FILE, EMAWeights, build_ema
 from patchdpo_fast.training.export import EXPORT_DTYPES, export_run
+from patchdpo_fast.training.memory import log_startup_plan
 from patchdpo_fast.training.metrics import MetricsLogger
 from patchdpo_fast.training.optim import build_lr_scheduler, build_optimizer
 from patchdpo_fast.training.resume import apply_optimizer_settings, check_resume_config
@@ -718,6 +719,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
     models = _build_models(cfg, env)
     # what trains (LoRA on, the frozen reference UNet copied from the initial weights) before any checkpoint loads
     trainable = setup_trainable(cfg, models)
+    if env.is_main:  # counted from the real models' tensors; activations on a meta twin (nothing allocated)
+        log_startup_plan(cfg, models, env.world_size, trainable.reference)
     reference = _reference_record(cfg, models)  # hashed before DeepSpeed casts or partitions anything
     if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
         with _reading_checkpoint(ckpt_path):

@@ -1,31 +1,44 @@
-"""Memory accounting of a PatchDPO training step, from the library's own objects, at any scale.
+"""Per-GPU memory of a PatchDPO training run, for every ``model.trainable`` mode, world size and DeepSpeed ZeRO stage.
 
-Two tools, and a plan built from them:
+``patchdpo estimate-memory --config CFG [--world-size N] [--zero-stage S] [--offload optimizer|param|none]`` (also
+``python -m patchdpo_fast.training.memory``) prints, per GPU, the weights (trainable and frozen, by dtype), the
+gradients, the optimizer (master weights, AdamW or 8-bit AdamW states), the DPO reference, the EMA copy, the
+activations of one step and the total, and what CPU offload moves to host memory. From Python::
 
-* :class:`AllocationTracker` watches every tensor operation (a ``TorchDispatchMode``) and records the storages that
-  the operations create, with their sizes, for as long as they stay alive. It measures what a piece of code
-  allocates and still holds afterwards (e.g. the activations a forward pass keeps for the backward pass) and its
-  peak. It works the same on the ``meta`` device, where tensors have shapes and dtypes but no memory, so the
-  figures of an SDXL-size model come from running it on ``meta`` without any weights.
-* :func:`tensor_bytes` sums the distinct storages of tensors (weights, optimizer states).
+    from patchdpo_fast.config import load_config
+    from patchdpo_fast.training.memory import estimate_memory
 
-:func:`memory_plan` accounts one training process's memory from a :class:`~patchdpo_fast.models.PatchDPOModels`
-(resident frozen weights, encoders, trainable adapter, gradients, optimizer state materialized by the configured
-optimizer itself, the DPO reference adapter when there is one, and the activations of one policy forward).
-:func:`estimate_memory` builds the configured models on the ``meta`` device first, so it needs no weights and no
-memory: ``python -m patchdpo_fast.training.memory --config configs/sdxl_ipadapter_plus.yaml`` prints the table
-that the README shows. The figures are per process without ZeRO sharding (ZeRO-1/2 divide the optimizer state and
-gradients by the number of ranks); they leave out the CUDA context, allocator caching and fragmentation, and the
-short-lived tensors of a step (the loss, the no-grad reference forward, a checkpointed block's recomputation).
+    plan = estimate_memory(load_config("configs/sdxl_ipadapter_plus.yaml", ["model.trainable=unet"],
+                                       check_paths=False), world_size=8, zero_stage=3)
+    plan.total_bytes, plan.weights_bytes, plan.optimizer_bytes, plan.host_bytes
+
+The formula (every term with its bytes per parameter) is in ``docs/memory.md``. How the figures are made:
+
+* The configured models are built on PyTorch's ``meta`` device (shapes and dtypes, no weights, no memory) in the
+  configured mode (the LoRA put on, the UNet in fp32 when it trains in full), and their parameters are counted
+  tensor by tensor (:class:`TensorCensus`). The trainer's start-up plan (:func:`startup_plan`) counts the real models'
+  tensors instead, and builds nothing on the device.
+* The sharing across ranks (:class:`Parallelism`) is arithmetic on those counts: what DeepSpeed ZeRO-1/2/3 divides by
+  the world size, what it casts to the training precision, which fp32 copies it keeps, what offload moves to the
+  CPU. Optimizer states come from the configured optimizer itself, created on ``meta`` copies of the tensors it
+  would see (:func:`optimizer_state_bytes`).
+* The activations are the tensors one policy forward keeps for the backward pass, counted by
+  :class:`AllocationTracker` while the ``meta`` model runs (:func:`activation_bytes`).
+
+Not counted (they need a GPU to measure): the CUDA context, the caching allocator's reserve and fragmentation, NCCL
+buffers, DeepSpeed's communication buckets and ZeRO-3's gathered layers in flight, and the short-lived tensors of a
+step (the loss, the no-grad reference forward, a checkpointed block's recomputation).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import copy
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,18 +53,31 @@ if TYPE_CHECKING:
     from patchdpo_fast.models import PatchDPOModels
 
 __all__ = [
+    "OFFLOAD_CHOICES",
     "AllocationTracker",
     "MemoryItem",
     "MemoryPlan",
+    "Parallelism",
+    "TensorCensus",
     "activation_bytes",
     "compare_markdown",
     "estimate_memory",
     "memory_plan",
     "optimizer_state_bytes",
+    "parallelism_from_config",
+    "plan_from_census",
+    "startup_plan",
     "tensor_bytes",
 ]
 
 GIB = 1024**3
+logger = logging.getLogger("patchdpo_fast.train")
+
+#: ``--offload`` / ``offload=`` values: what DeepSpeed moves to CPU memory
+OFFLOAD_CHOICES = ("none", "optimizer", "param", "optimizer+param")
+
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP32 = torch.float32.itemsize
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -136,23 +162,43 @@ class AllocationTracker(TorchDispatchMode):
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
 
+#: categories of :class:`MemoryItem`, in the order of the table
+CATEGORIES = ("weights", "gradients", "optimizer", "reference", "ema", "activations")
+
 
 @dataclass(frozen=True)
 class MemoryItem:
-    """One line of a :class:`MemoryPlan`: ``bytes`` held by ``name``; ``resident`` if it counts in the total."""
+    """One line of a :class:`MemoryPlan`.
+
+    Attributes:
+        name: the line's name (``trainable weights``, ``gradients``, ...).
+        bytes: bytes this line holds on each GPU.
+        detail: how the bytes come about (parameters, dtype, the share of the ranks).
+        category: one of :data:`CATEGORIES`.
+        resident: whether ``bytes`` counts in the per-GPU total (the encoders are released once the input cache
+            is built: shown, not counted).
+        host_bytes: bytes moved to CPU memory by DeepSpeed offload, per rank (not in the GPU total).
+    """
 
     name: str
     bytes: int
     detail: str
+    category: str = "weights"
     resident: bool = True
+    host_bytes: int = 0
 
 
 @dataclass
 class MemoryPlan:
-    """Memory of one training process, item by item (see :func:`memory_plan`)."""
+    """Memory of one training process (one GPU), item by item, with the totals by category.
+
+    ``settings`` records what the plan assumed (mode, world size, ZeRO stage, offload, precision, optimizer, ...);
+    ``notes`` what the figures leave out for this configuration.
+    """
 
     items: list[MemoryItem]
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> MemoryItem:
         for item in self.items:
@@ -160,33 +206,103 @@ class MemoryPlan:
                 return item
         raise KeyError(f"no memory item {name!r}; items: {[i.name for i in self.items]}")
 
+    def category_bytes(self, category: str) -> int:
+        """Per-GPU bytes of the resident items of ``category`` (see :data:`CATEGORIES`)."""
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+        return sum(i.bytes for i in self.items if i.resident and i.category == category)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Trainable and frozen weights of the policy on one GPU (encoders only while they stay resident)."""
+        return self.category_bytes("weights")
+
+    @property
+    def gradients_bytes(self) -> int:
+        """Gradients on one GPU (low-precision gradients, DDP buckets, DeepSpeed's fp32 gradient partition)."""
+        return self.category_bytes("gradients")
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """fp32 master weights and optimizer states on one GPU (0 when offloaded to the CPU)."""
+        return self.category_bytes("optimizer")
+
+    @property
+    def reference_bytes(self) -> int:
+        """The DPO reference model on one GPU (0 for a LoRA, whose reference is the UNet with the LoRA off)."""
+        return self.category_bytes("reference")
+
+    @property
+    def ema_bytes(self) -> int:
+        """The fp32 moving average of the trainable weights (``optim.use_ema``)."""
+        return self.category_bytes("ema")
+
+    @property
+    def activations_bytes(self) -> int:
+        """Activations one micro-batch's forward keeps for the backward pass."""
+        return self.category_bytes("activations")
+
+    @property
+    def weights_and_optimizer_bytes(self) -> int:
+        """Weights + gradients + optimizer + reference + EMA: every resident item but the activations."""
+        return self.total_bytes - self.activations_bytes
+
     @property
     def total_bytes(self) -> int:
-        """Sum of the resident items: weights, adapter, gradients, optimizer, reference and activations."""
+        """Sum of the resident items: what one GPU holds for the run (see the module docstring for what is not)."""
         return sum(item.bytes for item in self.items if item.resident)
 
+    @property
+    def host_bytes(self) -> int:
+        """CPU memory per rank that DeepSpeed offload holds instead of the GPU."""
+        return sum(item.host_bytes for item in self.items)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form: settings, items and the total."""
+        """JSON-able form: settings, items, totals by category, the total, host bytes and notes."""
         return {
             "settings": dict(self.settings),
-            "items": [vars(item) for item in self.items],
+            "items": [asdict(item) for item in self.items],
+            "bytes": {c: self.category_bytes(c) for c in CATEGORIES},
             "total_bytes": self.total_bytes,
+            "host_bytes": self.host_bytes,
+            "notes": list(self.notes),
         }
 
     def to_markdown(self) -> str:
-        """A markdown table (GiB with three decimals)."""
-        lines = ["| item | GiB | what |", "| --- | ---: | --- |"]
+        """A markdown table (GiB per GPU with three decimals; a host column when offload moves anything)."""
+        host = self.host_bytes > 0
+        lines = ["| item | GiB per GPU |" + (" host GiB |" if host else "") + " what |",
+                 "| --- | ---: |" + (" ---: |" if host else "") + " --- |"]  # fmt: skip
         for item in self.items:
             gib = f"{item.bytes / GIB:.3f}" if item.resident else f"({item.bytes / GIB:.3f})"
-            lines.append(f"| {item.name} | {gib} | {item.detail} |")
-        lines.append(f"| **total** | **{self.total_bytes / GIB:.3f}** | resident items; (..) not counted |")
+            extra = f" {item.host_bytes / GIB:.3f} |" if host else ""
+            lines.append(f"| {item.name} | {gib} |{extra} {item.detail} |")
+        extra = f" **{self.host_bytes / GIB:.3f}** |" if host else ""
+        lines.append(f"| **total** | **{self.total_bytes / GIB:.3f}** |{extra} resident items; (..) not counted |")
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """A compact multi-line table for the training log (GiB per GPU)."""
+        s = self.settings
+        head = (f"memory plan per GPU ({s.get('trainable')}, {s.get('loss')}, {s.get('parallel')}, "
+                f"{s.get('optimizer')}, precision {s.get('mixed_precision')}):")  # fmt: skip
+        width = max(len(i.name) for i in self.items)
+        rows = [head]
+        for item in self.items:
+            value = f"{item.bytes / GIB:8.3f}" if item.resident else f"({item.bytes / GIB:.3f})".rjust(8)
+            host = f" +{item.host_bytes / GIB:.3f} host" if item.host_bytes else ""
+            rows.append(f"  {item.name:<{width}} {value} GiB{host}  {item.detail}")
+        host = f" (+{self.host_bytes / GIB:.3f} GiB host memory per rank)" if self.host_bytes else ""
+        rows.append(f"  {'total':<{width}} {self.total_bytes / GIB:8.3f} GiB{host}; not counted: CUDA context, "
+                    "allocator cache, NCCL and DeepSpeed buffers")  # fmt: skip
+        return "\n".join(rows)
 
 
 def compare_markdown(plans: dict[str, MemoryPlan]) -> str:
-    """Several plans side by side as one markdown table (GiB, three decimals): a column per plan, a row per item.
+    """Several plans side by side as one markdown table (GiB per GPU, three decimals): a column per plan.
 
-    Items a plan does not count in its total are shown in parentheses; rows follow the first plan's order.
+    Items a plan does not count in its total are shown in parentheses; rows follow the first plan's order. A last
+    row gives the host memory per rank when some plan offloads.
     """
     names: list[str] = []
     for plan in plans.values():
@@ -202,6 +318,8 @@ def compare_markdown(plans: dict[str, MemoryPlan]) -> str:
                 cells.append(f"{item.bytes / GIB:.3f}" if item.resident else f"({item.bytes / GIB:.3f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| **total** | " + " | ".join(f"**{p.total_bytes / GIB:.3f}**" for p in plans.values()) + " |")
+    if any(p.host_bytes for p in plans.values()):
+        lines.append("| host (offload) | " + " | ".join(f"{p.host_bytes / GIB:.3f}" for p in plans.values()) + " |")
     return "\n".join(lines)
 
 
@@ -211,6 +329,458 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _params(numel: int) -> str:
     return f"{numel / 1e9:.3f} B params" if numel >= 1e8 else f"{numel / 1e6:.2f} M params"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How the ranks share the memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How one training process's memory is shared with the others.
+
+    Attributes:
+        world_size: number of ranks (GPUs), N.
+        zero_stage: DeepSpeed ZeRO stage 0-3, or None without DeepSpeed (plain PyTorch; DDP when N > 1).
+        offload_optimizer: DeepSpeed moves the fp32 master weights, the optimizer states and the fp32 gradient
+            partition to the CPU.
+        offload_param: ZeRO-3 moves the partitioned parameters (policy and reference) to the CPU.
+        mixed_precision: ``train.mixed_precision`` (``no``, ``bf16``, ``fp16``): under DeepSpeed every parameter of
+            the policy (and of a ZeRO-3 reference) is cast to it, with fp32 master weights in the optimizer.
+        persistence_threshold: ZeRO-3 keeps parameters of at most this many elements whole on every rank
+            (``stage3_param_persistence_threshold``; DeepSpeed's default 100000).
+        reduce_bucket_size, allgather_bucket_size, prefetch_bucket_size, max_live_parameters: the JSON's buffer
+            sizes in elements (reported as not counted).
+        deepspeed_optimizer: the DeepSpeed JSON has an ``optimizer`` block (DeepSpeed builds its AdamW).
+    """
+
+    world_size: int = 1
+    zero_stage: int | None = None
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    mixed_precision: str = "no"
+    persistence_threshold: int = 100_000
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int | None = None
+    deepspeed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size must be a positive integer (number of GPUs), got {self.world_size!r}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3 (or None without DeepSpeed), got {self.zero_stage!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if (self.offload_optimizer or self.offload_param) and self.zero_stage is None:
+            raise ValueError("offload needs DeepSpeed ZeRO: give a zero stage (--zero-stage / zero_stage=)")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"parameter offload needs ZeRO stage 3, got stage {self.zero_stage}")
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether the run goes through DeepSpeed."""
+        return self.zero_stage is not None
+
+    @property
+    def low_precision(self) -> torch.dtype | None:
+        """The dtype DeepSpeed casts the module's parameters to (None: no cast)."""
+        return _LOW_PRECISION.get(self.mixed_precision) if self.deepspeed else None
+
+    def describe(self) -> str:
+        """E.g. ``8 GPUs, ZeRO-3, optimizer offload`` or ``1 GPU, no DeepSpeed``."""
+        gpus = f"{self.world_size} GPU" + ("s" if self.world_size > 1 else "")
+        if not self.deepspeed:
+            return f"{gpus}, no DeepSpeed" + (" (DDP)" if self.world_size > 1 else "")
+        off = [n for n, on in (("optimizer", self.offload_optimizer), ("param", self.offload_param)) if on]
+        return f"{gpus}, ZeRO-{self.zero_stage}" + (f", {'+'.join(off)} offload" if off else "")
+
+
+def _parse_offload(offload: str | None) -> tuple[bool, bool] | None:
+    if offload is None:
+        return None
+    key = str(offload).strip().lower().replace(",", "+").replace(" ", "")
+    key = {"both": "optimizer+param", "param+optimizer": "optimizer+param", "": "none"}.get(key, key)
+    if key not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
+    return "optimizer" in key, "param" in key
+
+
+def parallelism_from_config(
+    cfg: TrainConfig,
+    world_size: int | None = None,
+    zero_stage: int | None = None,
+    offload: str | None = None,
+) -> Parallelism:
+    """The :class:`Parallelism` of ``cfg`` as the trainer resolves its DeepSpeed config, with overrides.
+
+    The ZeRO stage and offload come from the config's DeepSpeed settings (``deepspeed.config`` JSON and the
+    ``deepspeed.*`` overrides, via :func:`~patchdpo_fast.config.resolve_deepspeed_config`); ``zero_stage`` and
+    ``offload`` (one of :data:`OFFLOAD_CHOICES`) override them, and a ``zero_stage`` on a config without DeepSpeed
+    accounts it as if ``deepspeed.zero_stage`` were set.
+
+    Raises:
+        ValueError: a world size below 1, an unknown stage or offload, parameter offload below stage 3, offload
+            without ZeRO, 8-bit AdamW with optimizer offload, or ``optim.use_ema`` under ZeRO-3 (one line each).
+    """
+    from patchdpo_fast.config import ConfigError, resolve_deepspeed_config
+
+    world = 1 if world_size is None else world_size
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world_size must be a positive integer (number of GPUs), got {world!r}")
+    if zero_stage is not None and (isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3)):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    offloads = _parse_offload(offload)
+    ds = cfg.deepspeed.model_copy(deep=True)
+    if zero_stage is not None:
+        ds.zero_stage = zero_stage
+    if offloads is not None:
+        if not ds.enabled:
+            raise ValueError("offload needs DeepSpeed ZeRO: give a zero stage (--zero-stage) or a deepspeed.config")
+        ds.offload_optimizer, ds.offload_param = offloads
+    try:
+        conf = resolve_deepspeed_config(cfg.model_copy(update={"deepspeed": ds}), world)
+    except ConfigError as exc:
+        raise ValueError("; ".join(f"{k}: {m}" if k else m for k, m in exc.problems)) from None
+    if conf is None:
+        return Parallelism(world_size=world, mixed_precision=cfg.train.mixed_precision)
+    zero = conf.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if cfg.optim.use_ema and stage == 3:
+        raise ValueError("optim.use_ema needs whole weights on every rank, but ZeRO-3 shards them")
+
+    def on(key: str) -> bool:
+        return str(zero.get(key, {}).get("device", "none")) != "none"
+
+    def num(key: str, default: int | None = None) -> int | None:
+        value = zero.get(key, default)
+        return None if value is None else int(value)
+
+    return Parallelism(
+        world_size=world,
+        zero_stage=stage,
+        offload_optimizer=on("offload_optimizer"),
+        offload_param=on("offload_param"),
+        mixed_precision=cfg.train.mixed_precision,
+        persistence_threshold=num("stage3_param_persistence_threshold", 100_000) or 0,
+        reduce_bucket_size=num("reduce_bucket_size", 500_000_000),
+        allgather_bucket_size=num("allgather_bucket_size", 500_000_000) if stage in (1, 2) else None,
+        prefetch_bucket_size=num("stage3_prefetch_bucket_size", 50_000_000) if stage == 3 else None,
+        max_live_parameters=num("stage3_max_live_parameters", 1_000_000_000) if stage == 3 else None,
+        deepspeed_optimizer="optimizer" in conf,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the models hold
+# ---------------------------------------------------------------------------------------------------------------
+
+#: one tensor of a census: (elements, dtype, is a parameter (False: a buffer))
+Entry = tuple[int, torch.dtype, bool]
+
+
+@dataclass
+class TensorCensus:
+    """The tensors of a run's models, counted (numel and dtype per tensor), without their data.
+
+    Attributes:
+        trainable: the parameters that train (adapter K/V and resampler, LoRA, or the UNet), as built.
+        frozen: the policy module's other parameters and buffers (frozen UNet, frozen resampler).
+        reference_adapter: the frozen in-module reference adapter (DPO losses with the adapter training).
+        reference_model: the separate frozen reference model of full UNet finetuning with a DPO loss, as built
+            (in ``model.reference_dtype``); None without one.
+        encoders: VAE, text encoders and image encoder (released once the input cache is built).
+        trains: what trains, in words.
+        lora_numel: elements of the UNet LoRA (0 without one).
+    """
+
+    trainable: list[Entry]
+    frozen: list[Entry]
+    reference_adapter: list[Entry] = field(default_factory=list)
+    reference_model: list[Entry] | None = None
+    encoders: list[Entry] = field(default_factory=list)
+    trains: str = ""
+    lora_numel: int = 0
+
+    @property
+    def trainable_numel(self) -> int:
+        """Ψ: elements that train."""
+        return sum(n for n, _, _ in self.trainable)
+
+
+def _entries(named: Iterable[tuple[str, torch.Tensor]], is_param: bool, seen: set[int]) -> list[Entry]:
+    out = []
+    for _, t in named:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((t.numel(), t.dtype, is_param))
+    return out
+
+
+def census_of_module(module: torch.nn.Module) -> list[Entry]:
+    """Every distinct parameter and buffer of ``module`` as census entries."""
+    seen: set[int] = set()
+    return _entries(module.named_parameters(), True, seen) + _entries(module.named_buffers(), False, seen)
+
+
+def census_of_models(
+    models: PatchDPOModels, reference_model: torch.nn.Module | None = None, trains: str | None = None
+) -> TensorCensus:
+    """:class:`TensorCensus` of a built bundle (meta or real): the policy ``models.ip_unet`` split into trainable,
+    frozen and in-module reference tensors, the encoders still held, and ``reference_model`` if given."""
+    ip_unet = models.ip_unet
+    seen: set[int] = set()
+    ref_ids = {id(p) for p in ip_unet.reference_parameters()} if getattr(ip_unet, "has_reference", False) else set()
+    named = list(ip_unet.named_parameters())
+    trainable = _entries([(n, p) for n, p in named if p.requires_grad], True, seen)
+    reference = _entries([(n, p) for n, p in named if id(p) in ref_ids], True, seen)
+    frozen = _entries(named, True, seen) + _entries(ip_unet.named_buffers(), False, seen)
+    encoders = [m for m in (models.vae, models.text_encoder, models.text_encoder_2, models.image_encoder) if m]
+    enc = [e for m in encoders for e in census_of_module(m)]
+    lora = sum(p.numel() for _, p in ip_unet.unet_lora_parameters()) if hasattr(ip_unet, "unet_lora_parameters") else 0
+    if trains is None:
+        parts = []
+        if getattr(ip_unet, "train_adapter", True) and any(p.requires_grad for p in ip_unet.image_proj.parameters()):
+            parts.append("IP K/V + resampler")
+        elif getattr(ip_unet, "train_adapter", True):
+            parts.append("IP K/V")
+        if getattr(ip_unet, "train_unet", False):
+            parts.append("UNet")
+        elif lora:
+            parts.append("UNet LoRA")
+        trains = " + ".join(parts) or "nothing"
+    ref_model = census_of_module(reference_model) if reference_model is not None else None
+    return TensorCensus(trainable, frozen, reference, ref_model, enc, trains, lora)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The formula
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _place(entries: Sequence[Entry], par: Parallelism, cast: bool = True) -> tuple[int, int, dict[str, int]]:
+    """Bytes of module tensors per GPU and on the host, and the per-GPU bytes by dtype.
+
+    Under DeepSpeed with mixed precision the parameters are cast to the low-precision dtype (``cast``), buffers
+    keep theirs. ZeRO-3 stores ``ceil(numel / N)`` of each parameter on every rank (on the CPU with parameter
+    offload), and keeps the parameters at or below the persistence threshold whole on every rank as well.
+    """
+    lp = par.low_precision if cast else None
+    n = par.world_size
+    device = host = 0
+    by_dtype: dict[str, int] = {}
+    for numel, dtype, is_param in entries:
+        if is_param and lp is not None and dtype.is_floating_point:
+            dtype = lp
+        size = dtype.itemsize
+        if is_param and par.zero_stage == 3:
+            part = math.ceil(numel / n) * size
+            on_gpu = 0 if par.offload_param else part
+            host += part if par.offload_param else 0
+            if numel <= par.persistence_threshold:
+                on_gpu += numel * size  # gathered once, kept whole
+        else:
+            on_gpu = numel * size
+        device += on_gpu
+        by_dtype[_dtype_name(dtype)] = by_dtype.get(_dtype_name(dtype), 0) + on_gpu
+    return device, host, by_dtype
+
+
+def _by_dtype(entries: Sequence[Entry], by_dtype: dict[str, int]) -> str:
+    numel: dict[str, int] = {}
+    for n, dtype, _ in entries:
+        numel[_dtype_name(dtype)] = numel.get(_dtype_name(dtype), 0) + n
+    return " + ".join(f"{_params(numel[d]) if d in numel else ''} {d}".strip() for d in by_dtype if by_dtype[d])
+
+
+def _share(par: Parallelism, divided: bool) -> str:
+    return f"1/{par.world_size} per rank" if divided and par.world_size > 1 else "whole on every rank"
+
+
+def plan_from_census(
+    census: TensorCensus,
+    par: Parallelism,
+    *,
+    optimizer: str = "adamw",
+    use_ema: bool = False,
+    cache_enabled: bool = True,
+    activation_bytes_per_pair: int | None = None,
+    pairs_per_batch: int = 1,
+    resolution: int = 512,
+    gradient_checkpointing: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> MemoryPlan:
+    """The per-GPU :class:`MemoryPlan` of ``census`` shared as ``par`` says (the formula of ``docs/memory.md``).
+
+    Args:
+        census: the run's tensors (:func:`census_of_models`).
+        par: world size, ZeRO stage, offload and precision.
+        optimizer: ``adamw`` or ``adamw8bit`` (the trainer's optimizer; a DeepSpeed JSON ``optimizer`` block builds
+            DeepSpeed's AdamW, fp32 moments as well).
+        use_ema: ``optim.use_ema``: an fp32 copy of the trainable weights.
+        cache_enabled: the encoders are released once the input cache is built (shown, not counted).
+        activation_bytes_per_pair: :func:`activation_bytes` of one pair (None: no activations line).
+        pairs_per_batch, resolution, gradient_checkpointing: for the activations line.
+        settings: extra settings to record.
+    """
+    n = par.world_size
+    stage = par.zero_stage
+    psi = census.trainable_numel
+    part = math.ceil(psi / n)
+    ds = par.deepspeed
+    lp = par.low_precision
+    items: list[MemoryItem] = []
+
+    # weights
+    dev, host, by = _place(census.trainable, par)
+    items.append(MemoryItem("trainable weights", dev, f"{census.trains}: {_by_dtype(census.trainable, by) or '0'}"
+                            f"{'' if stage != 3 else ', ZeRO-3 partitioned'}", "weights", host_bytes=host))  # fmt: skip
+    dev, host, by = _place(census.frozen, par)
+    frozen_numel = sum(e[0] for e in census.frozen)
+    detail = _by_dtype(census.frozen, by) if frozen_numel else "none"
+    if stage == 3 and frozen_numel:
+        detail += ", ZeRO-3 partitioned"
+    items.append(MemoryItem("frozen weights", dev, detail, "weights", host_bytes=host))
+    enc = sum(numel * dtype.itemsize for numel, dtype, _ in census.encoders)
+    if census.encoders:
+        what = ("VAE + text encoders + image encoder; released once the input cache is built" if cache_enabled
+                else "VAE + text encoders + image encoder, run every step (no input cache)")  # fmt: skip
+        items.append(MemoryItem("encoders", enc, what, "weights", resident=not cache_enabled))
+
+    # gradients
+    if not ds:
+        grad = sum(numel * dtype.itemsize for numel, dtype, _ in census.trainable)
+        detail = "one per trainable weight, in its dtype"
+        if n > 1:
+            grad *= 2
+            detail += "; x2: DDP's gradient buckets (a second copy)"
+        items.append(MemoryItem("gradients", grad, detail, "gradients"))
+    else:
+        g = lp.itemsize if lp is not None else _FP32
+        gname = _dtype_name(lp) if lp is not None else "float32"
+        divided = stage >= 2
+        low = (part if divided else psi) * g
+        fp32_part = part if stage >= 1 else (psi if lp is not None else 0)
+        fp32 = fp32_part * _FP32
+        dev_g, host_g = low, 0
+        detail = f"{gname} gradients {_share(par, divided)}"
+        if fp32:
+            detail += f" + fp32 gradient {'partition' if stage >= 1 else 'accumulator'} for the update"
+        if par.offload_optimizer:
+            if divided:  # ZeRO-2/3 offload reduce into a pinned fp32 CPU partition
+                dev_g, host_g = 0, part * _FP32
+                detail = f"{gname} gradients reduced into an fp32 partition in CPU memory (optimizer offload)"
+            else:
+                host_g = fp32
+                detail += " (in CPU memory)"
+        else:
+            dev_g += fp32
+        items.append(MemoryItem("gradients", dev_g, detail, "gradients", host_bytes=host_g))
+
+    # optimizer: master weights and states
+    if (ds and stage >= 1) or lp is not None:
+        divided = stage >= 1 or par.mixed_precision == "bf16"  # stage 0: bf16 partitions it, fp16 does not
+        master_elems = part if divided else psi
+        master = master_elems * _FP32
+        detail = f"fp32 copy of the trainable weights, {_share(par, divided)}"
+        if par.offload_optimizer:
+            items.append(MemoryItem("master weights", 0, detail + " (in CPU memory)", "optimizer", host_bytes=master))
+        else:
+            items.append(MemoryItem("master weights", master, detail, "optimizer"))
+        state_elems = master_elems
+    else:
+        divided = False
+        items.append(MemoryItem("master weights", 0, "none: the trainable weights are the fp32 master weights"
+                                if census.trainable and census.trainable[0][1] == torch.float32
+                                else "none", "optimizer"))  # fmt: skip
+        state_elems = psi
+    opt_name = "adamw" if par.deepspeed_optimizer else optimizer
+    if ds and (stage >= 1 or lp is not None):  # DeepSpeed's optimizer sees flat fp32 partitions
+        shapes = [((state_elems,), torch.float32)] if state_elems else []
+    else:  # the trainer's optimizer sees the parameters themselves
+        shapes = [((numel,), dtype) for numel, dtype, _ in census.trainable]
+    state = optimizer_state_bytes_for(shapes, opt_name)
+    names = {"adamw": "AdamW: 2 fp32 moments per weight",
+             "adamw8bit": "bitsandbytes AdamW8bit: 2 blockwise 8-bit moments per weight"}  # fmt: skip
+    what = names.get(opt_name, opt_name)
+    if par.deepspeed_optimizer:
+        what = "DeepSpeed AdamW (JSON optimizer block): 2 fp32 moments per weight"
+    what += f", {_share(par, divided)}" if ds else ""
+    if par.offload_optimizer:
+        items.append(MemoryItem("optimizer state", 0, what + " (in CPU memory)", "optimizer", host_bytes=state))
+    else:
+        items.append(MemoryItem("optimizer state", state, what, "optimizer"))
+
+    # the DPO reference
+    if census.reference_model is not None:
+        if stage == 3:
+            dev, host, by = _place(census.reference_model, par)
+            detail = "frozen copy of the initial UNet + adapter, ZeRO-3 partitioned (DeepSpeed inference engine)"
+        else:
+            dev, host, by = _place(census.reference_model, Parallelism(world_size=n), cast=False)
+            detail = "frozen copy of the initial UNet + adapter, whole on every rank"
+        detail += f": {_by_dtype(census.reference_model, by)}"
+        items.append(MemoryItem("DPO reference", dev, detail, "reference", host_bytes=host))
+    elif census.reference_adapter:
+        dev, host, by = _place(census.reference_adapter, par)
+        detail = f"frozen copy of the initial adapter: {_by_dtype(census.reference_adapter, by)}"
+        items.append(MemoryItem("DPO reference", dev, detail, "reference", host_bytes=host))
+    else:
+        uses_reference = bool((settings or {}).get("uses_reference", True))
+        why = "none"
+        if not uses_reference:
+            why = "none: only patch_dpo / diffusion_dpo build it"
+        elif census.lora_numel:
+            why = "none: the same UNet with its LoRA switched off"
+        items.append(MemoryItem("DPO reference", 0, why, "reference"))
+
+    # EMA
+    if use_ema:
+        if stage == 3:
+            raise ValueError("optim.use_ema needs whole weights on every rank, but ZeRO-3 shards them")
+        items.append(MemoryItem("EMA", psi * _FP32, "fp32 moving average of the trainable weights, whole on every "
+                                "rank", "ema"))  # fmt: skip
+    else:
+        items.append(MemoryItem("EMA", 0, "off (optim.use_ema)", "ema"))
+
+    notes = []
+    if activation_bytes_per_pair is not None:
+        ckpt = "with" if gradient_checkpointing else "without"
+        items.append(MemoryItem(f"activations ({pairs_per_batch} pairs)", activation_bytes_per_pair * pairs_per_batch,
+                                f"{activation_bytes_per_pair / GIB:.3f} GiB per pair at {resolution} px, {ckpt} "
+                                "gradient checkpointing", "activations"))  # fmt: skip
+    if ds:
+        g = (lp or torch.float32).itemsize
+        if par.reduce_bucket_size:
+            notes.append(f"DeepSpeed reduce bucket: up to {par.reduce_bucket_size:.3g} elements "
+                         f"({par.reduce_bucket_size * g / GIB:.2f} GiB), not counted")  # fmt: skip
+        if stage == 3 and par.max_live_parameters:
+            notes.append(f"ZeRO-3 gathers each layer's full parameters for its forward/backward (prefetch "
+                         f"{par.prefetch_bucket_size or 0:.3g}, at most {par.max_live_parameters:.3g} elements live), "
+                         "not counted")  # fmt: skip
+    notes.append("not counted: CUDA context, caching-allocator reserve and fragmentation, NCCL buffers")
+    all_settings = {
+        "parallel": par.describe(),
+        "world_size": n,
+        "zero_stage": stage,
+        "offload_optimizer": par.offload_optimizer,
+        "offload_param": par.offload_param,
+        "mixed_precision": par.mixed_precision,
+        "optimizer": opt_name,
+        "trainable_params": psi,
+        "pairs_per_batch": pairs_per_batch,
+        "resolution": resolution,
+        "cache_enabled": cache_enabled,
+        "gradient_checkpointing": gradient_checkpointing,
+        "use_ema": use_ema,
+        **(settings or {}),
+    }
+    if activation_bytes_per_pair is not None:
+        all_settings["activation_bytes_per_pair"] = activation_bytes_per_pair
+    return MemoryPlan(items, all_settings, notes)
 
 
 def optimizer_state_bytes(
@@ -302,6 +872,12 @@ def activation_bytes(
     return held
 
 
+def optimizer_state_bytes_for(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], optimizer: str = "adamw") -> int:
+    """:func:`optimizer_state_bytes` for parameters given as ``(shape, dtype)`` (created on ``meta``)."""
+    metas = [torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for shape, dtype in shapes]
+    return optimizer_state_bytes(metas, optimizer)
+
+
 def memory_plan(
     models: PatchDPOModels,
     *,
@@ -311,20 +887,17 @@ def memory_plan(
     cache_enabled: bool = True,
     cache_dtype: torch.dtype = torch.float32,
     activations: bool = True,
+    parallelism: Parallelism | None = None,
+    reference_model: torch.nn.Module | None = None,
+    use_ema: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> MemoryPlan:
-    """Account the memory of one single-process training step of ``models`` (meta or real).
+    """The per-GPU :class:`MemoryPlan` of built ``models`` (meta or real), shared as ``parallelism`` says.
 
-    Items, each measured on the objects themselves:
-
-    * ``frozen UNet``: the UNet's weights and buffers without the adapter layers, in their dtype;
-    * ``frozen resampler`` (when the resampler does not train): the image-projection weights;
-    * ``encoders``: VAE, both text encoders and the image encoder; not resident when ``cache_enabled`` (the
-      trainer releases them once the input cache is built, see ``patchdpo_fast.train``);
-    * ``trainable adapter``, ``gradients``: the trainable parameters and one gradient of the same dtype each;
-    * ``optimizer state``: :func:`optimizer_state_bytes` of the trainable parameters for ``optimizer``;
-    * ``DPO reference``: the frozen reference adapter; the trainer builds it only for the DPO losses, so it is
-      whatever ``models`` holds (0 without one);
-    * ``activations``: :func:`activation_bytes` of one pair, times ``pairs_per_batch``.
+    The tensors are counted from the objects (:func:`census_of_models`, ``reference_model`` being a separate frozen
+    reference model when there is one); the activations are :func:`activation_bytes` of one pair times
+    ``pairs_per_batch``, measured on ``models`` (free on ``meta``; on real models it runs a forward). Under
+    DeepSpeed mixed precision the activations are measured on a ``meta`` twin cast as DeepSpeed casts the module.
 
     Args:
         models: the bundle (e.g. built on ``meta`` by :func:`estimate_memory`).
@@ -333,76 +906,75 @@ def memory_plan(
         resolution: training resolution in pixels.
         cache_enabled: whether the input cache serves the inputs (``cache.enabled``).
         cache_dtype: dtype of the cached features fed to the UNet (``cache.dtype``).
-        activations: measure the activations (one forward pass; free on ``meta``).
+        activations: measure the activations.
+        parallelism: world size, ZeRO stage, offload and precision (default: one process without DeepSpeed).
+        reference_model: the separate frozen reference model (full UNet finetuning with a DPO loss).
+        use_ema: count the fp32 moving average.
+        settings: extra settings to record in the plan.
     """
-    ip_unet = models.ip_unet
-    adapter_ids = {id(p) for p in ip_unet.trainable_parameters()}
-    reference = list(ip_unet.reference_parameters()) if hasattr(ip_unet, "reference_parameters") else []
-    reference_ids = {id(p) for p in reference}
-    unet_frozen = [
-        t
-        for name, t in (*models.unet.named_parameters(), *models.unet.named_buffers())
-        if ".processor." not in name and id(t) not in adapter_ids
-    ]
-    unet_numel = sum(t.numel() for t in unet_frozen)
-    unet_dtype = models.unet.conv_in.weight.dtype
-    trainable = ip_unet.trainable_parameters()
-    n_train = sum(p.numel() for p in trainable)
-    train_dtype = trainable[0].dtype if trainable else torch.float32
-    items = [
-        MemoryItem("frozen UNet", tensor_bytes(unet_frozen), f"{_params(unet_numel)}, {_dtype_name(unet_dtype)}"),
-    ]
-    if not ip_unet.train_resampler:
-        proj = list(ip_unet.image_proj.parameters())
-        items.append(MemoryItem("frozen resampler", tensor_bytes(proj),
-                                f"{_params(sum(p.numel() for p in proj))}, {_dtype_name(proj[0].dtype)}"))  # fmt: skip
-    encoders = [m for m in (models.vae, models.text_encoder, models.text_encoder_2, models.image_encoder) if m]
-    enc_tensors = [t for m in encoders for t in (*m.parameters(), *m.buffers())]
-    enc_detail = (
-        "VAE + 2 text encoders + image encoder; released once the input cache is built"
-        if cache_enabled
-        else "VAE + 2 text encoders + image encoder, run every step (no input cache)"
-    )
-    items.append(MemoryItem("encoders", tensor_bytes(enc_tensors), enc_detail, resident=not cache_enabled))
-    what = "IP K/V projections" + (" + resampler" if ip_unet.train_resampler else "")
-    items.append(MemoryItem("trainable adapter", tensor_bytes(trainable),
-                            f"{what}: {_params(n_train)}, {_dtype_name(train_dtype)}"))  # fmt: skip
-    items.append(MemoryItem("gradients", n_train * train_dtype.itemsize, f"one per trainable weight, "
-                            f"{_dtype_name(train_dtype)}"))  # fmt: skip
-    items.append(MemoryItem("optimizer state", optimizer_state_bytes(trainable, optimizer),
-                            {"adamw": "AdamW: 2 fp32 moments per weight",
-                             "adamw8bit": "bitsandbytes AdamW8bit: 2 blockwise 8-bit moments per weight"}.get(
-                                optimizer, optimizer)))  # fmt: skip
-    ref_numel = sum(p.numel() for p in reference)
-    items.append(MemoryItem("DPO reference", tensor_bytes(reference),
-                            f"frozen copy of the initial adapter: {_params(ref_numel)}" if reference_ids
-                            else "none: only patch_dpo / diffusion_dpo build it"))  # fmt: skip
-    settings = {
-        "optimizer": optimizer,
-        "pairs_per_batch": pairs_per_batch,
-        "resolution": resolution,
-        "cache_enabled": cache_enabled,
-        "gradient_checkpointing": bool(getattr(models.unet, "is_gradient_checkpointing", False)),
-        "attention_backend": ip_unet.attention_backend,
-        "unet_dtype": _dtype_name(unet_dtype),
-    }
+    par = parallelism or Parallelism()
+    census = census_of_models(models, reference_model)
+    per_pair = None
     if activations:
-        per_pair = activation_bytes(models, 1, resolution, cache_dtype if cache_enabled else models.weight_dtype)
-        settings["activation_bytes_per_pair"] = per_pair
-        ckpt = "with" if settings["gradient_checkpointing"] else "without"
-        items.append(MemoryItem(f"activations ({pairs_per_batch} pairs)", per_pair * pairs_per_batch,
-                                f"{per_pair / GIB:.3f} GiB per pair at {resolution} px, {ckpt} gradient "
-                                "checkpointing"))  # fmt: skip
-    return MemoryPlan(items, settings)
+        feature_dtype = cache_dtype if cache_enabled else models.weight_dtype
+        per_pair = activation_bytes(_activation_twin(models, par), 1, resolution, feature_dtype)
+    extra = {
+        "attention_backend": getattr(models.ip_unet, "attention_backend", None),
+        "unet_dtype": _dtype_name(models.unet.conv_in.weight.dtype),
+        **(settings or {}),
+    }
+    return plan_from_census(
+        census,
+        par,
+        optimizer=optimizer,
+        use_ema=use_ema,
+        cache_enabled=cache_enabled,
+        activation_bytes_per_pair=per_pair,
+        pairs_per_batch=pairs_per_batch,
+        resolution=resolution,
+        gradient_checkpointing=bool(getattr(models.unet, "is_gradient_checkpointing", False)),
+        settings=extra,
+    )
+
+
+def _meta_twin(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are empty ``meta`` tensors (floating parameters cast to
+    ``dtype`` if given): the same structure, hooks and flags, without copying any data."""
+    memo: dict[int, Any] = {}
+    for t in module.parameters():
+        cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        memo[id(t)] = torch.nn.Parameter(torch.empty(t.shape, dtype=cast, device="meta"), t.requires_grad)
+    for t in module.buffers():
+        memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _activation_twin(models: PatchDPOModels, par: Parallelism) -> PatchDPOModels:
+    """``models`` to measure the activations on: a ``meta`` twin of the policy when ``models`` is real or when
+    DeepSpeed casts the module to the low precision; ``models`` itself otherwise."""
+    import dataclasses
+
+    lp = par.low_precision
+    if models.device.type == "meta" and lp is None:
+        return models
+    return dataclasses.replace(models, ip_unet=_meta_twin(models.ip_unet, lp))
 
 
 def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
-    """The configured models built on the ``meta`` device: shapes and dtypes only, no weights read."""
+    """The configured models built on the ``meta`` device in the configured ``model.trainable`` mode.
+
+    Shapes and dtypes only, no weights read: the tiny architecture or the SDXL base architecture; the UNet in fp32
+    when it trains in full (as ``build_models`` keeps it), the LoRA put on for the LoRA modes, the in-module
+    reference adapter when the mode and loss need one.
+    """
     from patchdpo_fast.models.sdxl_config import SDXL_RESAMPLER, assemble_models, build_sdxl_components
     from patchdpo_fast.models.tiny import TINY_RESAMPLER, build_tiny_components
+    from patchdpo_fast.training.trainable import TrainableMode
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     m = cfg.model
+    mode = TrainableMode.from_config(m)
+    kwargs = mode.build_kwargs(cfg.loss.uses_reference_model)
     if m.tiny:
         with torch.device("meta"):
             components = build_tiny_components(m.tiny_seed)
@@ -412,8 +984,10 @@ def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
     else:  # the SDXL base architecture (what pretrained_path holds for the paper's recipe)
         components = build_sdxl_components("meta", dtype)
         resampler = SDXL_RESAMPLER
+    if kwargs["train_unet"]:
+        components["unet"].to(torch.float32)  # trainable master weights, as build_models keeps them
     backend = "sdpa" if m.attention_backend == "xformers" else m.attention_backend  # same memory class
-    return assemble_models(
+    models = assemble_models(
         components,
         weight_dtype=dtype,
         seed=m.tiny_seed,
@@ -423,58 +997,190 @@ def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
         num_ip_tokens=m.num_ip_tokens,
         resampler=dict(resampler),
         gradient_checkpointing=m.gradient_checkpointing,
-        reference=cfg.loss.uses_reference_model,
+        reference=kwargs["reference"],
     )
+    ip_unet = models.ip_unet
+    ip_unet.train_unet = kwargs["train_unet"]
+    ip_unet.train_adapter = kwargs["train_adapter"]
+    ip_unet._set_trainable()
+    if mode.unet == "lora":
+        lora = m.lora
+        ip_unet.add_unet_lora(lora.rank, lora.effective_alpha, list(lora.target_modules), lora.dropout)
+    return models
 
 
-def estimate_memory(cfg: TrainConfig, *, activations: bool = True) -> MemoryPlan:
-    """:func:`memory_plan` of the models ``cfg`` describes, built on the ``meta`` device (no weights, no memory).
+def _reference_census(cfg: TrainConfig, models: PatchDPOModels) -> list[Entry] | None:
+    """The separate frozen reference model that :func:`~patchdpo_fast.training.trainable.setup_trainable` would copy
+    (full UNet finetuning with a DPO loss): every policy tensor, floating ones in ``model.reference_dtype``."""
+    from patchdpo_fast.training.trainable import TrainableMode, reference_dtype
 
-    ``model.tiny: false`` is accounted with the SDXL base architecture (``patchdpo_fast.models.sdxl_config``) and
-    the IP-Adapter-Plus SDXL resampler; the DPO reference is included exactly when ``loss.type`` needs it.
+    if TrainableMode.from_config(cfg.model).unet != "full" or not cfg.loss.uses_reference_model:
+        return None
+    dtype = reference_dtype(cfg)
+    return [(n, dtype if d.is_floating_point else d, p) for n, d, p in census_of_module(models.ip_unet)]
+
+
+def _config_settings(cfg: TrainConfig) -> dict[str, Any]:
+    from patchdpo_fast.training.trainable import TrainableMode
+
+    return {
+        "trainable": TrainableMode.from_config(cfg.model).name,
+        "loss": cfg.loss.type,
+        "uses_reference": bool(cfg.loss.uses_reference_model),
+        "model": "tiny" if cfg.model.tiny else "SDXL",
+    }
+
+
+def estimate_memory(
+    cfg: TrainConfig,
+    *,
+    world_size: int | None = None,
+    zero_stage: int | None = None,
+    offload: str | None = None,
+    activations: bool = True,
+) -> MemoryPlan:
+    """Per-GPU memory of the run ``cfg`` describes, without building anything on a device or reading weights.
+
+    The models are built on ``meta`` in the configured ``model.trainable`` mode (``model.tiny: false`` is accounted
+    with the SDXL base architecture and the IP-Adapter-Plus SDXL resampler); the DPO reference is included exactly
+    when ``loss.type`` needs it (a frozen copy in ``model.reference_dtype`` for full finetuning, the frozen initial
+    adapter when the adapter trains, nothing for a LoRA).
+
+    Args:
+        cfg: the training config.
+        world_size: number of GPUs (default 1).
+        zero_stage: DeepSpeed ZeRO stage 0-3; default: the config's DeepSpeed settings (none: no DeepSpeed).
+        offload: ``none``, ``optimizer``, ``param`` or ``optimizer+param``; default: the config's.
+        activations: measure the activations of one micro-batch (a ``meta`` forward, a second or two at SDXL).
+
+    Returns:
+        The plan: ``plan.total_bytes``, ``weights_bytes``, ``gradients_bytes``, ``optimizer_bytes``,
+        ``reference_bytes``, ``ema_bytes``, ``activations_bytes``, ``host_bytes``; ``plan.items`` line by line.
+
+    Raises:
+        ValueError: bad ``world_size`` / ``zero_stage`` / ``offload`` or a combination the trainer refuses.
     """
+    par = parallelism_from_config(cfg, world_size, zero_stage, offload)
     models = _meta_models(cfg)
-    plan = memory_plan(
-        models,
+    census = census_of_models(models)
+    census.reference_model = _reference_census(cfg, models)
+    per_pair = None
+    if activations:
+        feature_dtype = getattr(torch, cfg.cache.dtype) if cfg.cache.enabled else models.weight_dtype
+        per_pair = activation_bytes(_activation_twin(models, par), 1, cfg.data.resolution, feature_dtype)
+    settings = {
+        **_config_settings(cfg),
+        "attention_backend": models.ip_unet.attention_backend,
+        "unet_dtype": _dtype_name(models.unet.conv_in.weight.dtype),
+    }
+    return plan_from_census(
+        census,
+        par,
         optimizer=cfg.optim.optimizer,
+        use_ema=cfg.optim.use_ema,
+        cache_enabled=cfg.cache.enabled,
+        activation_bytes_per_pair=per_pair,
         pairs_per_batch=cfg.data.pairs_per_batch,
         resolution=cfg.data.resolution,
-        cache_enabled=cfg.cache.enabled,
-        cache_dtype=getattr(torch, cfg.cache.dtype),
-        activations=activations,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        settings=settings,
     )
-    plan.settings["loss"] = cfg.loss.type
-    plan.settings["model"] = "tiny" if cfg.model.tiny else "SDXL"
+
+
+def startup_plan(
+    cfg: TrainConfig,
+    models: PatchDPOModels,
+    world_size: int = 1,
+    reference_model: torch.nn.Module | None = None,
+    activations: bool = True,
+) -> MemoryPlan:
+    """The plan of a starting run, from the real models' tensors (counted, not copied) before DeepSpeed wraps them.
+
+    ``reference_model`` is the frozen reference the trainer built (``TrainableSetup.reference``). The activations
+    are measured on a ``meta`` twin of the real policy (nothing is allocated on the device); if that fails, the plan
+    goes without an activations line and says so in its notes.
+    """
+    par = parallelism_from_config(cfg, world_size)
+    census = census_of_models(models, reference_model)
+    per_pair, failed = None, None
+    if activations:
+        try:
+            feature_dtype = getattr(torch, cfg.cache.dtype) if cfg.cache.enabled else models.weight_dtype
+            twin = _activation_twin(models, par if par.low_precision is not None else Parallelism())
+            per_pair = activation_bytes(twin, 1, cfg.data.resolution, feature_dtype)
+        except Exception as exc:  # the plan is informative: never let it stop a run
+            failed = f"activations not measured ({type(exc).__name__}: {exc})"
+    plan = plan_from_census(
+        census,
+        par,
+        optimizer=cfg.optim.optimizer,
+        use_ema=cfg.optim.use_ema,
+        cache_enabled=cfg.cache.enabled,
+        activation_bytes_per_pair=per_pair,
+        pairs_per_batch=cfg.data.pairs_per_batch,
+        resolution=cfg.data.resolution,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        settings=_config_settings(cfg),
+    )
+    if failed:
+        plan.notes.insert(0, failed)
     return plan
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m patchdpo_fast.training.memory --config ...``: print the memory table of a training config.
+def log_startup_plan(cfg: TrainConfig, models: PatchDPOModels, world_size: int, reference_model: Any) -> None:
+    """Log :func:`startup_plan` as one compact table (rank 0 calls it); a failure is logged, never raised."""
+    try:
+        plan = startup_plan(cfg, models, world_size, reference_model)
+    except Exception as exc:  # an unexpected model layout must not stop training
+        logger.warning("memory plan not available: %s: %s", type(exc).__name__, exc)
+        return
+    logger.info("%s", plan.summary())
 
-    ``--variant KEY=VALUE[,KEY=VALUE...]`` (repeatable) adds a column for the config with those overrides too.
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``patchdpo estimate-memory --config ...``: print the per-GPU memory plan of a training config.
+
+    ``--world-size``, ``--zero-stage`` and ``--offload`` override the config's DeepSpeed settings; ``--variant
+    KEY=VALUE[,KEY=VALUE...]`` (repeatable) adds a column for the config with those overrides; ``--all-modes`` a
+    column per ``model.trainable`` mode. Bad input raises ``ValueError`` (one line through ``patchdpo``).
     """
-    from patchdpo_fast.config import ConfigError, load_config
+    from patchdpo_fast.config import TRAINABLE_MODES, load_config
 
     parser = argparse.ArgumentParser(
-        prog="python -m patchdpo_fast.training.memory",
-        description="Memory of one training process from a config, built on the meta device (no weights read).",
+        prog="patchdpo estimate-memory",
+        description="Per-GPU memory of a training config (weights, gradients, optimizer, DPO reference, EMA, "
+        "activations), built on the meta device: no weights read, nothing allocated.",
     )
     parser.add_argument("--config", default="configs/tiny_cpu.yaml", help="training YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")  # fmt: skip
+    parser.add_argument("--world-size", type=int, default=None, metavar="N", help="number of GPUs (default 1)")
+    parser.add_argument("--zero-stage", type=int, default=None, metavar="S",
+                        help="DeepSpeed ZeRO stage 0-3 (default: the config's DeepSpeed settings)")  # fmt: skip
+    parser.add_argument("--offload", default=None, metavar="WHAT",
+                        help=f"DeepSpeed CPU offload: {', '.join(OFFLOAD_CHOICES)} (default: config)")  # fmt: skip
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also account the config with these overrides, in another column")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    parser.add_argument("--all-modes", action="store_true", help="a column per model.trainable mode")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    variants = {"as configured": []} | {v: [x.strip() for x in v.split(",") if x.strip()] for v in args.variant}
+    _parse_offload(args.offload)  # fail on a bad value before building anything
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--world-size must be a positive integer (number of GPUs), got {args.world_size}")
+    variants: dict[str, list[str]] = {"as configured": []}
+    if args.all_modes:
+        variants = {mode: [f"model.trainable={mode}", "model.train_resampler=false"] for mode in TRAINABLE_MODES}
+    variants |= {v: [x.strip() for x in v.split(",") if x.strip()] for v in args.variant}
     plans: dict[str, MemoryPlan] = {}
     for name, extra in variants.items():
-        try:
-            cfg = load_config(args.config, [*args.overrides, *extra], check_paths=False)
-        except ConfigError as exc:
-            print(f"memory: {exc}", file=sys.stderr)
-            return 2
-        plans[name] = estimate_memory(cfg)
+        cfg = load_config(args.config, [*args.overrides, *extra], check_paths=False)  # ConfigError: one line
+        plans[name] = estimate_memory(cfg, world_size=args.world_size, zero_stage=args.zero_stage,
+                                      offload=args.offload)  # fmt: skip
     if args.json:
         import json
 
@@ -482,14 +1188,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name, plan in plans.items():
         s = plan.settings
-        per_pair = s["activation_bytes_per_pair"] / GIB
-        print(f"{name}: {s['model']} {s['loss']}, {s['resolution']} px, {s['pairs_per_batch']} pairs/micro-batch, "
-              f"UNet {s['unet_dtype']}, {s['optimizer']}, gradient checkpointing {s['gradient_checkpointing']}, "
-              f"input cache {s['cache_enabled']}, {per_pair:.3f} GiB activations/pair")  # fmt: skip
+        per_pair = s.get("activation_bytes_per_pair", 0) / GIB
+        print(f"{name}: {s['model']} {s['trainable']} {s['loss']}, {s['parallel']}, precision "
+              f"{s['mixed_precision']}, {s['optimizer']}, {s['resolution']} px, {s['pairs_per_batch']} "
+              f"pairs/micro-batch, gradient checkpointing {s['gradient_checkpointing']}, input cache "
+              f"{s['cache_enabled']}, {per_pair:.3f} GiB activations/pair")  # fmt: skip
     print()
     print(compare_markdown(plans) if len(plans) > 1 else next(iter(plans.values())).to_markdown())
+    notes = next(iter(plans.values())).notes
+    if notes:
+        print()
+        for note in notes:
+            print(f"* {note}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from patchdpo_fast.cli import run_command
+
+    raise SystemExit(run_command("estimate-memory", main))
