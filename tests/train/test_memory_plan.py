@@ -138,3 +138,23 @@ def test_readme_memory_table_is_what_the_accounting_says():
     assert rows["**total**"] == f"**{plan.total_bytes / GIB:.3f}**"
     assert plan["DPO reference"].bytes == 0  # the recipe's loss (patch_weighted_mse) builds none
     assert re.fullmatch(r"\| GiB \| as configured \|.*", compare_markdown({"as configured": plan}).splitlines()[0])
+
+
+def test_readme_zero3_unet_table_is_what_the_accounting_says():
+    """The README's full-UNet ZeRO-3 column (8 GPUs, zero3.json) is estimate_memory's output."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("<!-- memory-table-unet-zero3 -->")
+    rows = {}
+    for line in text[start:].splitlines()[3:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1]
+    cfg = load_config(SDXL, ["model.trainable=unet", "loss.type=diffusion_dpo",
+                             "deepspeed.config=configs/deepspeed/zero3.json"], check_paths=False)  # fmt: skip
+    plan = estimate_memory(cfg, world_size=8)
+    assert plan.settings["zero_stage"] == 3 and plan.settings["parallel"] == "8 GPUs, ZeRO-3"
+    for item in plan.items:
+        value = f"{item.bytes / GIB:.3f}"
+        assert rows[item.name] == (value if item.resident else f"({value})"), item.name
+    assert rows["**total**"] == f"**{plan.total_bytes / GIB:.3f}**"
