@@ -61,6 +61,7 @@ __all__ = [
     "TensorCensus",
     "activation_bytes",
     "compare_markdown",
+    "configured_models",
     "estimate_memory",
     "memory_plan",
     "optimizer_state_bytes",
@@ -967,6 +968,16 @@ def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
     when it trains in full (as ``build_models`` keeps it), the LoRA put on for the LoRA modes, the in-module
     reference adapter when the mode and loss need one.
     """
+    return configured_models(cfg, "meta")
+
+
+def configured_models(cfg: TrainConfig, device: str | torch.device = "meta", *, lora: bool = True) -> PatchDPOModels:
+    """The models of ``cfg`` in its ``model.trainable`` mode with random weights on ``device`` (``meta``: shapes only).
+
+    What the plan counts, built for real elsewhere too: ``benchmarks/gpu_memory_check.py`` runs one training step of
+    these models on a GPU to compare the plan with the allocator. ``lora=False`` leaves the LoRA off (the caller puts
+    it on with :func:`~patchdpo_fast.training.trainable.setup_trainable`, as the trainer does).
+    """
     from patchdpo_fast.models.sdxl_config import SDXL_RESAMPLER, assemble_models, build_sdxl_components
     from patchdpo_fast.models.tiny import TINY_RESAMPLER, build_tiny_components
     from patchdpo_fast.training.trainable import TrainableMode
@@ -976,13 +987,13 @@ def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
     mode = TrainableMode.from_config(m)
     kwargs = mode.build_kwargs(cfg.loss.uses_reference_model)
     if m.tiny:
-        with torch.device("meta"):
+        with torch.device(device):
             components = build_tiny_components(m.tiny_seed)
         for name in ("unet", "text_encoder", "text_encoder_2", "image_encoder"):
             components[name].to(dtype)
         resampler = TINY_RESAMPLER
     else:  # the SDXL base architecture (what pretrained_path holds for the paper's recipe)
-        components = build_sdxl_components("meta", dtype)
+        components = build_sdxl_components(device, dtype)
         resampler = SDXL_RESAMPLER
     if kwargs["train_unet"]:
         components["unet"].to(torch.float32)  # trainable master weights, as build_models keeps them
@@ -1003,9 +1014,9 @@ def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
     ip_unet.train_unet = kwargs["train_unet"]
     ip_unet.train_adapter = kwargs["train_adapter"]
     ip_unet._set_trainable()
-    if mode.unet == "lora":
-        lora = m.lora
-        ip_unet.add_unet_lora(lora.rank, lora.effective_alpha, list(lora.target_modules), lora.dropout)
+    if lora and mode.unet == "lora":
+        cfg_lora = m.lora
+        ip_unet.add_unet_lora(cfg_lora.rank, cfg_lora.effective_alpha, list(cfg_lora.target_modules), cfg_lora.dropout)
     return models
 
 
