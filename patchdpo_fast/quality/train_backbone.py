@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,11 @@ from patchdpo_fast.utils import resolve_device, set_default_permissions
 
 __all__ = ["TrainSettings", "dense_patch_loss", "main", "make_training_pairs"]
 
+#: Progressive resizing (``quality-train --crop-fraction``): the share of the time budget trained on crops of
+#: :data:`CROP_PATCHES` x :data:`CROP_PATCHES` patches (docs/quality.md: 0.761 -> 0.824 val AUROC at 3 CPU minutes).
+CROP_FRACTION = 0.6
+CROP_PATCHES = 8
+
 #: Views during training: stronger than the benchmark's change, so the features learn the invariances.
 TRAIN_GEN_GEOMETRY = Geometry(flip_p=0.5, zoom=(1.0, 1.5), rotate_deg=8.0)
 TRAIN_REF_GEOMETRY = Geometry(flip_p=0.5, zoom=(1.0, 1.2), rotate_deg=3.0)
@@ -91,6 +96,13 @@ class TrainSettings:
     grad_clip: float = 1.0
     photo_size: int = 256
     soft_labels: bool = True
+    #: progressive resizing: the first ``crop_fraction`` of the time budget trains on random ``crop_size`` px crops
+    #: of the photos at their full pixel scale (8 x 8 patches instead of 16 x 16: a step costs ~3.5x less CPU),
+    #: the rest on whole views at ``image_size``. ``crop_size`` 0 = 8 patches of the backbone; ``crop_batch_size``
+    #: 0 = ``batch_size``.
+    crop_fraction: float = 0.0
+    crop_size: int = 0
+    crop_batch_size: int = 0
 
 
 def make_training_pairs(
@@ -103,6 +115,7 @@ def make_training_pairs(
     families: Sequence[str] = FAMILIES,
     donors: torch.Tensor | None = None,
     global_changes: bool = True,
+    side_scale: float = 1.0,
 ) -> SyntheticPairs:
     """Pairs for one training step (both views augmented, defects in the generated view), made at ``size``
     (the estimator's input size: the views are warped at the photos' resolution, then resized and corrupted).
@@ -110,11 +123,18 @@ def make_training_pairs(
     ``recipe="offgrid"``: :data:`~.defects.TRAIN_RECIPE` restricted to ``families`` with the training global changes
     (labels and ``coverage`` from the covered fraction; ``global_changes=False``, an ablation, leaves both views
     without any global change: no flip, zoom, rotation, colour jitter, blur or JPEG); ``"grid"``: the first version's
-    grid-aligned corruptions."""
+    grid-aligned corruptions.
+
+    ``side_scale`` multiplies the recipe's region sides (fractions of the image side; capped at 0.5 / 0.6 of the
+    side): on a crop of half the side, 2 keeps the regions' size in pixels (offgrid only)."""
     if recipe == "offgrid":
         gen_change, ref_change = (TRAIN_CHANGE, TRAIN_REF_CHANGE) if global_changes else (GlobalChange.none(),) * 2
+        recipe_ = TRAIN_RECIPE.only(tuple(families))
+        if side_scale != 1.0:
+            lo, hi = recipe_.side
+            recipe_ = replace(recipe_, side=(min(0.5, lo * side_scale), min(0.6, hi * side_scale)))
         return make_defect_pairs(
-            sources, grid, g, size=size, donors=donors, recipe=TRAIN_RECIPE.only(tuple(families)),
+            sources, grid, g, size=size, donors=donors, recipe=recipe_,
             gen_change=gen_change, ref_change=ref_change,
         )  # fmt: skip
     if recipe != "grid":
@@ -127,6 +147,14 @@ def make_training_pairs(
         gen_photometric=TRAIN_GEN_PHOTOMETRIC, ref_photometric=TRAIN_REF_PHOTOMETRIC,
         corruptions=TRAIN_CORRUPTIONS,
     )  # fmt: skip
+
+
+def random_crops(images: torch.Tensor, side: int, g: torch.Generator) -> torch.Tensor:
+    """One random ``side`` x ``side`` crop of every image ``(N, 3, H, W)`` (the pixel scale is kept)."""
+    n, _, h, w = images.shape
+    ys = torch.randint(0, h - side + 1, (n,), generator=g).tolist()
+    xs = torch.randint(0, w - side + 1, (n,), generator=g).tolist()
+    return torch.stack([im[:, y : y + side, x : x + side] for im, y, x in zip(images, ys, xs, strict=True)])
 
 
 def _bilinear_targets(coords: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,6 +396,21 @@ def _parser() -> argparse.ArgumentParser:
         help="ablation (offgrid recipe): no global change that is not a defect on either view (no flip, zoom, "
         "rotation, colour jitter, blur or JPEG)",
     )
+    p.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=None,
+        help=f"progressive resizing: the first fraction of the budget trains on --crop-size crops at the photos' pixel "
+        f"scale (default {CROP_FRACTION} with --recipe offgrid, 0 with --recipe grid; 0 = always whole views)",
+    )
+    p.add_argument("--crop-size", type=int, default=None, help="crop side in pixels (default: 8 backbone patches)")
+    p.add_argument("--crop-batch-size", type=int, default=None, help="photos per crop step (default: --batch-size)")
+    p.add_argument(
+        "--bce-weight",
+        type=float,
+        default=None,
+        help=f"weight of the best-match classification against the InfoNCE terms (default {TrainSettings.bce_weight})",
+    )
     p.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-3 for tiny, 1e-5 for pretrained)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
@@ -408,6 +451,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size:
         settings.batch_size = args.batch_size
     settings.soft_labels = not args.hard_labels
+    if args.bce_weight is not None:
+        if args.bce_weight < 0:
+            raise UserError(f"--bce-weight must be >= 0, got {args.bce_weight}")
+        settings.bce_weight = args.bce_weight
+    settings.crop_fraction = (
+        args.crop_fraction if args.crop_fraction is not None else (CROP_FRACTION if args.recipe == "offgrid" else 0.0)
+    )
+    if not 0.0 <= settings.crop_fraction <= 1.0:
+        raise UserError(f"--crop-fraction must be in [0, 1], got {settings.crop_fraction}")
+    settings.crop_batch_size = args.crop_batch_size or settings.batch_size
     pretrained = args.backbone != "tiny"
     settings.lr = args.lr if args.lr is not None else (1e-5 if pretrained else settings.lr)
 
@@ -489,6 +542,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     est.flip_invariant = False  # train the plain features; the symmetrization is applied at estimation time
     est.backbone.train()
     grid = est.grid_size
+    patch = (est.image_size[0] // grid[0], est.image_size[1] // grid[1])
+    settings.crop_size = args.crop_size or CROP_PATCHES * max(patch)
+    crop_grid = (settings.crop_size // patch[0], settings.crop_size // patch[1])
+    if settings.crop_fraction > 0 and (
+        settings.crop_size % patch[0] or settings.crop_size % patch[1] or settings.crop_size > min(est.image_size)
+    ):
+        raise UserError(
+            f"--crop-size {settings.crop_size} must be a multiple of the patch size {patch} and at most the input "
+            f"size {est.image_size}"
+        )
+    # the crops keep the photos' pixel scale: a crop of crop_size px at the input size is this many photo pixels
+    ph_, pw_ = photos.images.shape[-2:]
+    crop_src = min(ph_, pw_, round(settings.crop_size * pw_ / est.image_size[1]))
     amp = device.type == "cuda"
     bar = None
     if not args.no_progress:
@@ -500,15 +566,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     while progress["train_seconds"] < budget:
         t0 = time.perf_counter()
         c0 = time.process_time()
-        idx = torch.randint(len(photos), (settings.batch_size,), generator=g)
-        pairs = make_training_pairs(
-            photos.images[idx], grid, g, est.image_size, recipe=args.recipe, families=families,
-            global_changes=not args.no_global_changes,
-        )  # fmt: skip
+        frac = progress["train_seconds"] / max(budget, 1e-9)
+        cropped = frac < settings.crop_fraction
+        if cropped:
+            c = settings.crop_size
+            idx = torch.randint(len(photos), (settings.crop_batch_size,), generator=g)
+            pairs = make_training_pairs(
+                random_crops(photos.images[idx], crop_src, g), crop_grid, g, (c, c), recipe=args.recipe,
+                families=families, global_changes=not args.no_global_changes, side_scale=min(est.image_size) / c,
+            )  # fmt: skip
+        else:
+            idx = torch.randint(len(photos), (settings.batch_size,), generator=g)
+            pairs = make_training_pairs(
+                photos.images[idx], grid, g, est.image_size, recipe=args.recipe, families=families,
+                global_changes=not args.no_global_changes,
+            )  # fmt: skip
         for group in opt.param_groups:
-            group["lr"] = _lr_at(settings, progress["step"], progress["train_seconds"] / max(budget, 1e-9))
+            group["lr"] = _lr_at(settings, progress["step"], frac)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pix = est.preprocess(torch.cat([pairs.reference, pairs.generated]))
+            both = torch.cat([pairs.reference, pairs.generated]).to(device)
+            pix = ((both - est._mean) / est._std).to(est.dtype) if cropped else est.preprocess(both)
             feats = est.features_from_pixels(pix)
             n = pairs.reference.shape[0]
             loss, stats = dense_patch_loss(

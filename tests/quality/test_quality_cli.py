@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from quality_helpers import synthetic_photos
 
@@ -104,3 +105,68 @@ def test_quality_eval_subject_selection_and_errors(photo_dir, tmp_path, capsys):
     )
     assert cli(["quality-eval", *base, "--kinds", "smudge"]) == 2  # the off-grid protocol's families
     assert capsys.readouterr().err.startswith("patchdpo quality-eval: --kinds: unknown defect families ['smudge']")
+
+
+def test_quality_train_progressive_crops(photo_dir, tmp_path, monkeypatch):
+    """The first --crop-fraction of the budget trains on 8 x 8-patch crops at full pixel scale, then whole views."""
+    from patchdpo_fast.quality import train_backbone
+
+    calls = []
+    real = train_backbone.make_training_pairs
+
+    def spy(sources, grid, g, size=None, **kwargs):
+        pairs = real(sources, grid, g, size, **kwargs)
+        calls.append((tuple(sources.shape), grid, size, kwargs.get("side_scale", 1.0), tuple(pairs.labels.shape)))
+        return pairs
+
+    monkeypatch.setattr(train_backbone, "make_training_pairs", spy)
+    out = tmp_path / "q"
+    args = ["--images", str(photo_dir), "--out", str(out), "--batch-size", "2", "--no-progress", "--no-resume"]
+    assert train_main([*args, "--minutes", "0.03", "--crop-fraction", "0.5", "--crop-batch-size", "3"]) == 0
+    crops = [c for c in calls if c[2] == (128, 128)]
+    whole = [c for c in calls if c[2] == (256, 256)]
+    assert crops and whole and len(crops) + len(whole) == len(calls)
+    assert calls[: len(crops)] == crops  # crops first, then whole views
+    # 128 px of the 256 px photos (the pixel scale is kept), an 8 x 8 grid, regions twice their fraction of the side
+    assert crops[0] == ((3, 3, 128, 128), (8, 8), (128, 128), 2.0, (3, 8, 8))
+    assert whole[0] == ((2, 3, 256, 256), (16, 16), (256, 256), 1.0, (2, 16, 16))
+    training = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
+    assert training["settings"]["crop_fraction"] == 0.5 and training["settings"]["crop_size"] == 128
+    assert PatchQualityEstimator.from_pretrained(out).grid_size == (16, 16)
+    # the default: crops for the offgrid recipe, none for the first version's grid recipe
+    calls.clear()
+    assert train_main([*args, "--minutes", "0.01", "--recipe", "grid"]) == 0
+    assert calls and all(c[2] == (256, 256) for c in calls)
+    training = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
+    assert training["settings"]["crop_fraction"] == 0.0
+    with pytest.raises(UserError, match="--crop-size 100 must be a multiple of the patch size"):
+        train_main([*args, "--minutes", "0.01", "--crop-size", "100"])
+    with pytest.raises(UserError, match=r"--crop-fraction must be in \[0, 1\]"):
+        train_main([*args, "--minutes", "0.01", "--crop-fraction", "1.5"])
+
+
+def test_random_crops_keep_pixels_and_scale():
+    from patchdpo_fast.quality.train_backbone import random_crops
+
+    ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(50.0), indexing="ij")
+    images = torch.stack([torch.stack([ys, xs, ys + 100 * i]) for i in range(5)])  # (5, 3, 40, 50)
+    crops = random_crops(images, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (5, 3, 16, 16)
+    y0, x0 = crops[:, 0, 0, 0].long(), crops[:, 1, 0, 0].long()
+    for i in range(5):
+        assert torch.equal(crops[i], images[i, :, y0[i] : y0[i] + 16, x0[i] : x0[i] + 16])
+    assert len({(int(a), int(b)) for a, b in zip(y0, x0, strict=True)}) > 1  # each image its own offset
+
+
+def test_make_training_pairs_side_scale_enlarges_regions(photos, monkeypatch):
+    from patchdpo_fast.quality import train_backbone
+    from patchdpo_fast.quality.defects import TRAIN_RECIPE
+
+    seen = []
+    real = train_backbone.make_defect_pairs
+    monkeypatch.setattr(train_backbone, "make_defect_pairs", lambda *a, **k: seen.append(k["recipe"]) or real(*a, **k))
+    for scale in (1.0, 2.0):
+        train_backbone.make_training_pairs(photos, (8, 8), torch.Generator().manual_seed(4), (64, 64), side_scale=scale)
+    lo, hi = TRAIN_RECIPE.side
+    assert seen[0] == TRAIN_RECIPE and seen[1].side == (2 * lo, min(0.6, 2 * hi))
+    assert seen[1].regions == TRAIN_RECIPE.regions and seen[1].smear_sigma_px == TRAIN_RECIPE.smear_sigma_px
