@@ -20,7 +20,8 @@
 # 128 px crops at the photos' pixel scale, then whole views):
 #   prog      p3 p1 p10: the default recipe for 3, 1, 10 minutes, graded on val
 #   progknobs 3-minute variants graded on val: no crops (a rerun of minutes-3 beside the others), crop fraction
-#             0.85, 16 crops per step, 96 px crops, lr 2e-3, best-match BCE weight 3, and seed 1 (seed noise)
+#             0.85, 16 crops per step, 96 px crops, lr 2e-3, best-match BCE weight 3, and seed 1 of the default and
+#             of no crops (seed noise)
 #   progtest  the test split, once: the 3-minute default run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,8 +87,9 @@ run() {  # one stage
         grade "prog-minutes-${1#p}" val --estimator "$OUT/prog-minutes-${1#p}"
         ;;
     progknobs)
-        local -a knobs=("no-crops:--crop-fraction 0" "crop-fraction-0.85:--crop-fraction 0.85" "crop-batch-16:--crop-batch-size 16"
-            "crop-96:--crop-size 96" "lr-2e-3:--lr 2e-3" "bce-3:--bce-weight 3" "seed-1:--seed 1")
+        local -a knobs=("no-crops:--crop-fraction 0" "crop-fraction-0.85:--crop-fraction 0.85"
+            "crop-batch-16:--crop-batch-size 16" "crop-96:--crop-size 96" "lr-2e-3:--lr 2e-3"
+            "bce-3:--bce-weight 3" "seed-1:--seed 1" "no-crops-seed-1:--crop-fraction 0 --seed 1")
         local knob
         for knob in "${knobs[@]}"; do
             # shellcheck disable=SC2086  # the flags split on purpose
