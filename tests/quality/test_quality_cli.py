@@ -139,6 +139,14 @@ def test_quality_train_progressive_crops(photo_dir, tmp_path, monkeypatch):
     assert calls and all(c[2] == (256, 256) for c in calls)
     training = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
     assert training["settings"]["crop_fraction"] == 0.0
+    # a backbone whose grid is not larger than the crops' 8 x 8 patches trains on whole views only
+    small = tmp_path / "small"
+    PatchQualityEstimator.tiny(seed=0, image_size=128).save_pretrained(small)
+    calls.clear()
+    assert train_main([*args, "--minutes", "0.01", "--backbone", str(small), "--lr", "1e-3"]) == 0
+    assert calls and all(c[2] == (128, 128) and c[1] == (8, 8) and c[3] == 1.0 for c in calls)
+    training = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
+    assert training["settings"]["crop_fraction"] == 0.0
     with pytest.raises(UserError, match="--crop-size 100 must be a multiple of the patch size"):
         train_main([*args, "--minutes", "0.01", "--crop-size", "100"])
     with pytest.raises(UserError, match=r"--crop-fraction must be in \[0, 1\]"):
