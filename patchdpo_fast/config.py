@@ -153,8 +153,26 @@ class ModelConfig(_Section):
 
     tiny: bool = Field(True, description="Build a tiny random-initialized architecture instead of loading SDXL.")
     tiny_seed: int = Field(0, description="Seed of the tiny model's random initialization.")
+    tiny_architecture: Literal["sdxl", "sd15"] = Field(
+        "sdxl",
+        description=(
+            "Which tiny model to build (tiny only): 'sdxl' (two text encoders, pooled text + time ids) or 'sd15' (one "
+            "text encoder, no added conditioning). A pretrained model's family is read from its UNet's config."
+        ),
+    )
     pretrained_path: Path | None = Field(
-        None, description="Local diffusers folder of the SDXL base model (e.g. RealVisXL_V1.0); required unless tiny."
+        None,
+        description=(
+            "Local diffusers folder of the base model, SDXL-class (e.g. RealVisXL_V1.0) or SD1.5-class (e.g. "
+            "stable-diffusion-v1-5): the UNet's config decides; required unless tiny."
+        ),
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None,
+        description=(
+            "Override the noise scheduler's prediction_type (the training target: the noise, or v for SD2-style "
+            "v-prediction models); null keeps the scheduler config's, which is right for a pretrained model."
+        ),
     )
     image_encoder_path: Path | None = Field(
         None, description="Local folder of the CLIP vision encoder used by IP-Adapter-Plus; required unless tiny."
@@ -220,6 +238,10 @@ class ModelConfig(_Section):
                 "train_resampler",
                 f"model.trainable={self.effective_trainable} keeps the adapter frozen; train_resampler needs "
                 "'ip_adapter' in model.trainable",
+            )
+        if not self.tiny and self.tiny_architecture != "sdxl":
+            raise _SubKeyError(
+                "tiny_architecture", "applies to the tiny model only; a pretrained model's UNet config decides"
             )
         if self.tiny:
             for name in ("pretrained_path", "image_encoder_path"):

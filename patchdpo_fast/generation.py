@@ -1,10 +1,11 @@
-"""Image generation with our IP-Adapter-Plus: a stock diffusers SDXL pipeline around the training model.
+"""Image generation with our IP-Adapter-Plus: a stock diffusers pipeline around the training model.
 
 :func:`build_pipeline` wraps a :class:`~patchdpo_fast.models.PatchDPOModels` (tiny or pretrained, the same code)
-into a stock ``diffusers.StableDiffusionXLPipeline`` that *shares* the model's modules: the UNet keeps our IP
-attention processors, so the pipeline's denoiser is exactly the training model's (same numbers, no weight copy).
-The image prompt enters the way our processors read it: the IP tokens (the resampler's output) are appended to the
-text embeddings, and the pipeline is called with ``prompt_embeds`` / ``negative_prompt_embeds``.
+into a stock ``diffusers.StableDiffusionXLPipeline`` (SDXL-class UNet) or ``StableDiffusionPipeline`` (SD1.5-class
+UNet: no added conditioning, one text encoder; chosen from the UNet's config) that *shares* the model's modules:
+the UNet keeps our IP attention processors, so the pipeline's denoiser is exactly the training model's (same numbers,
+no weight copy). The image prompt enters the way our processors read it: the IP tokens (the resampler's output) are
+appended to the text embeddings, and the pipeline is called with ``prompt_embeds`` / ``negative_prompt_embeds``.
 
 :func:`generate` turns reference images + prompts into images, with one ``torch.Generator`` per output image so
 that every image depends only on its own seed (not on batch composition or order). Per prompt it takes one
@@ -80,6 +81,9 @@ def make_scheduler(name: str, config: Any) -> Any:
 def build_pipeline(models: PatchDPOModels, *, scheduler: str = "euler") -> StableDiffusionXLPipeline:
     """A stock ``StableDiffusionXLPipeline`` sharing ``models``' modules, with our IP-Adapter-Plus in its UNet.
 
+    For an SD1.5-class UNet (``models.added_conditioning`` False) it is a ``StableDiffusionPipeline`` instead (no
+    safety checker: it would need weights that are not part of the model).
+
     The pipeline runs where the models are (move them with ``models.to(device)`` first). Use :func:`generate` to
     run it with reference images; ``pipe.patchdpo_models`` holds ``models``.
 
@@ -87,8 +91,23 @@ def build_pipeline(models: PatchDPOModels, *, scheduler: str = "euler") -> Stabl
         models: the bundle from :func:`~patchdpo_fast.models.build_models` (tiny or pretrained).
         scheduler: sampler name, see :func:`make_scheduler`.
     """
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if not models.added_conditioning:
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=models.unet,
+            scheduler=make_scheduler(scheduler, models.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=models.image_encoder,
+            requires_safety_checker=False,
+        )
+        pipe.patchdpo_models = models
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionXLPipeline(
         vae=models.vae,
         text_encoder=models.text_encoder,
@@ -239,13 +258,17 @@ def generate(
     cfg = guidance > 1.0
     device = pipe._execution_device
     tokens, uncond = image_prompt_tokens(models, refs, reference_mode=reference_mode, uncond_image=uncond_image)
-    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+    encoded = pipe.encode_prompt(
         prompt=prompts,
         device=device,
         num_images_per_prompt=1,
         do_classifier_free_guidance=cfg,
         negative_prompt=[negative_prompt] * len(prompts) if cfg else None,
     )
+    if models.added_conditioning:
+        embeds, neg_embeds, pooled, neg_pooled = encoded
+    else:  # StableDiffusionPipeline: text tokens only
+        (embeds, neg_embeds), pooled, neg_pooled = encoded, None, None
     dtype = embeds.dtype
     prompt_embeds = torch.cat([embeds, tokens.to(device, dtype)], dim=1)
     kwargs: dict[str, Any] = {}
@@ -253,14 +276,16 @@ def generate(
         kwargs["negative_prompt_embeds"] = torch.cat(
             [neg_embeds, uncond.to(device, dtype).expand(len(prompts), -1, -1)], dim=1
         )
-        kwargs["negative_pooled_prompt_embeds"] = neg_pooled
+        if neg_pooled is not None:
+            kwargs["negative_pooled_prompt_embeds"] = neg_pooled
+    if pooled is not None:
+        kwargs["pooled_prompt_embeds"] = pooled
 
     previous = [proc.scale for proc in models.ip_unet.ip_processors.values()]
     models.ip_unet.set_ip_scale(ip_scale)
     try:
         result = pipe(
             prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
             num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -296,7 +321,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (tiny, or local pretrained folders; nothing is downloaded)")
     group.add_argument("--tiny", action="store_true", help="use the tiny random-initialized model (CPU tests/demos)")
     group.add_argument("--tiny-seed", type=int, default=0, help="initialization seed of the tiny model (default 0)")
-    group.add_argument("--pretrained", type=Path, help="local SDXL diffusers folder (e.g. RealVisXL_V1.0)")
+    group.add_argument("--pretrained", type=Path,
+                       help="local diffusers base model folder, SDXL or SD1.5 class (e.g. RealVisXL_V1.0)")  # fmt: skip
     group.add_argument("--image-encoder", type=Path, help="local CLIP vision encoder folder")
     group.add_argument("--ip-adapter", type=Path, help="IP-Adapter-Plus weights (.safetensors or official .bin)")
     group.add_argument("--vae", type=Path, help="optional separate VAE folder")

@@ -138,13 +138,15 @@ class _Inputs:
             with torch.no_grad():
                 embeds, pooled = models.encode_prompts([""])
                 null = {"prompt_embeds": embeds, "pooled": pooled, "image_features": models.null_image_features()}
-        self.null = {k: v.to(env.device) for k, v in null.items()}
+        # "pooled" is absent or None for an SD1.5-class UNet (no added conditioning)
+        self.null = {k: v.to(env.device) for k, v in null.items() if v is not None}
 
     def __call__(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         dev = self.env.device
         if self.cached is not None:
             lat_ref, lat_gen = batch["latents_ref"].to(dev).float(), batch["latents_gen"].to(dev).float()
-            embeds, pooled = batch["prompt_embeds"].to(dev), batch["pooled"].to(dev)
+            embeds, pooled = batch["prompt_embeds"].to(dev), batch.get("pooled")
+            pooled = None if pooled is None else pooled.to(dev)
             feats = batch["image_features"].to(dev)
         else:
             with torch.no_grad():
@@ -224,6 +226,8 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
     models = build_models(
         tiny=m.tiny,
         seed=m.tiny_seed,
+        tiny_architecture=m.tiny_architecture,
+        prediction_type=m.prediction_type,
         pretrained_model_path=m.pretrained_path,
         image_encoder_path=m.image_encoder_path,
         ip_adapter_path=m.ip_adapter_path,
@@ -613,9 +617,11 @@ def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x
     noisy = sched.add_noise(latents, noise, t)
     target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
     embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(reps, 1, 1)
-    pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(reps, 1)
     feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(reps, 1, 1)
-    time_ids = models.add_time_ids(reps * b, cfg.data.resolution).to(dev)
+    pooled = time_ids = None  # SD1.5-class UNets take no added conditioning (read from the UNet's config)
+    if models.added_conditioning:
+        pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(reps, 1)
+        time_ids = models.add_time_ids(reps * b, cfg.data.resolution).to(dev)
     args = (noisy, t, embeds, pooled, time_ids, feats)
     if train:
         pred = engine.forward(*args)

@@ -45,6 +45,49 @@ def test_tiny_config_validates_with_path_checks(in_repo: Path) -> None:
     assert not cfg.deepspeed.enabled
 
 
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_are_all_checked() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"tiny_cpu.yaml", "sdxl_ipadapter_plus.yaml", "sd15_ipadapter_plus.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path: Path, in_repo: Path) -> None:
+    """Every YAML in configs/ validates (weights are not here: paths of pretrained models are not checked, but every
+    path inside the repository is) and its DeepSpeed JSON resolves for 8 ranks."""
+    cfg = load_config(path, check_paths=False)
+    assert load_config(path, check_paths=False) == TrainConfig.model_validate(config_to_dict(cfg))
+    if cfg.model.tiny:
+        load_config(path)  # nothing outside the repository: every path checked
+    if cfg.deepspeed.enabled:
+        assert resolve_deepspeed_config(cfg, world_size=8)["train_batch_size"] == 8 * cfg.data.pairs_per_batch * (
+            cfg.train.gradient_accumulation_steps
+        )
+    for key in ("ip_adapter_path", "image_encoder_path", "pretrained_path"):  # real-scale recipes: local weights
+        value = getattr(cfg.model, key)
+        assert value is None or not value.is_absolute(), (key, value)
+
+
+def test_sd15_config_validates_without_weights(in_repo: Path) -> None:
+    cfg = load_config(REPO / "configs" / "sd15_ipadapter_plus.yaml", check_paths=False)
+    assert not cfg.model.tiny and cfg.model.trainable == "ip_adapter"
+    assert cfg.model.pretrained_path == Path("pretrained/stable-diffusion-v1-5")
+    assert cfg.model.ip_adapter_path == Path("pretrained/IP-Adapter/models/ip-adapter-plus_sd15.bin")
+    assert cfg.data.resolution == 512 and cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.model.prediction_type is None  # the target follows the scheduler config of the model
+
+
+def test_tiny_architecture_is_for_the_tiny_model_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.tiny_architecture"):
+        load_config(SDXL, ["model.tiny_architecture=sd15"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"model\.tiny_architecture"):
+        load_config(TINY, ["model.tiny_architecture=sd21"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"model\.prediction_type"):
+        load_config(TINY, ["model.prediction_type=sample"], check_paths=False)
+
+
 def test_sdxl_config_validates_without_weights(in_repo: Path) -> None:
     cfg = load_config(SDXL, check_paths=False)
     assert not cfg.model.tiny and cfg.model.gradient_checkpointing

@@ -66,16 +66,24 @@ def input_cache_settings(cfg: TrainConfig) -> dict[str, Any]:
     m = cfg.model
     dtype = _ENCODER_DTYPES[cfg.train.mixed_precision]
 
+    # the tiny SD1.5 model has other encoder weights than the tiny SDXL one (recorded only for it, so the caches of
+    # tiny SDXL runs keep their fingerprints)
+    tiny_id = {"tiny_seed": m.tiny_seed, **({"tiny_architecture": m.tiny_architecture} if m.tiny_architecture != "sdxl"
+                                            else {})}  # fmt: skip
+
     def weights(sub: str) -> dict[str, Any]:
         if m.tiny:
-            return {"tiny_seed": m.tiny_seed}
+            return dict(tiny_id)
         return _folder_identity(Path(m.pretrained_path) / sub)
 
-    image = {"tiny_seed": m.tiny_seed} if m.tiny else _folder_identity(Path(m.image_encoder_path))
+    image = dict(tiny_id) if m.tiny else _folder_identity(Path(m.image_encoder_path))
+    second = {"weights": weights("text_encoder_2"), "tokenizer": weights("tokenizer_2"), "dtype": dtype}
+    if m.tiny and m.tiny_architecture == "sd15":
+        second = None  # one text encoder (a pretrained SD1.5 folder records its absent text_encoder_2/ as such)
     return {
         "vae": {"weights": weights("vae"), "dtype": "float32"},
         "text_encoder": {"weights": weights("text_encoder"), "tokenizer": weights("tokenizer"), "dtype": dtype},
-        "text_encoder_2": {"weights": weights("text_encoder_2"), "tokenizer": weights("tokenizer_2"), "dtype": dtype},
+        "text_encoder_2": second,
         "image_encoder": {"weights": image, "dtype": dtype},
         "resolution": cfg.data.resolution,
         "preprocessing": {

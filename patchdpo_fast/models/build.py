@@ -1,4 +1,10 @@
-"""Build the IP-Adapter-Plus / SDXL model bundle that PatchDPO training needs, tiny or pretrained.
+"""Build the IP-Adapter-Plus model bundle that PatchDPO training needs (SDXL- or SD1.5-class), tiny or pretrained.
+
+The base model's family is read from its UNet's config, never from a name: ``addition_embed_type="text_time"``
+means SDXL-class (two text encoders, pooled text + micro-conditioning time ids, the IP-Adapter-Plus SDXL Resampler
+1280 wide with 20 heads); no ``addition_embed_type`` means SD1.5-class (one text encoder whose last hidden state is
+the cross-attention input, no added conditioning, the ``ip-adapter-plus_sd15`` Resampler: ``cross_attention_dim``
+wide, 12 heads of 64 for 768).
 
 :func:`build_models` returns a :class:`PatchDPOModels` with the frozen encoders, the noise scheduler and an
 :class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet` (frozen UNet + trainable adapter + the frozen reference
@@ -14,21 +20,21 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .ip_adapter import IPAdapterUNet, read_ip_adapter_file
+from .ip_adapter import IPAdapterUNet, check_adapter_fits, read_ip_adapter_file, unet_added_conditioning
 from .pixel_space import PixelSpaceAutoencoder, is_pixel_space_folder
 from .resampler import Resampler, resampler_config_from_state_dict
-from .tiny import TINY_RESAMPLER, build_tiny_components
+from .tiny import TINY_ARCHITECTURES, TINY_RESAMPLER, build_tiny_components
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "PatchDPOModels", "build_models"]
+__all__ = ["CLIP_IMAGE_MEAN", "CLIP_IMAGE_STD", "PatchDPOModels", "build_models", "default_resampler_config"]
 
 CLIP_IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -42,15 +48,50 @@ PRETRAINED_SUBFOLDERS: tuple[str, ...] = (
     "tokenizer_2",
     "scheduler",
 )
+#: The subfolders only an SDXL-class base model (UNet ``addition_embed_type="text_time"``) needs.
+SDXL_ONLY_SUBFOLDERS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
+
+#: IP-Adapter-Plus SDXL Resampler shape (``ip-adapter-plus_sdxl_vit-h``); SD1.5-class UNets use
+#: ``dim = cross_attention_dim`` with ``dim / 64`` heads (``ip-adapter-plus_sd15``: 768 wide, 12 heads).
+_SDXL_PLUS_RESAMPLER = {"dim": 1280, "heads": 20}
+
+
+def default_resampler_config(
+    unet: Any, embedding_dim: int, num_ip_tokens: int = 16, *, tiny: bool = False, depth: int = 4
+) -> dict[str, int]:
+    """The IP-Adapter-Plus Resampler shape for ``unet``, chosen by the UNet's config as the official code does.
+
+    SDXL-class (``addition_embed_type="text_time"``): width 1280, 20 heads of 64; SD1.5-class (no added
+    conditioning): width ``cross_attention_dim``, ``cross_attention_dim / 64`` heads (768 and 12 for SD1.5). Both:
+    depth 4, ``ff_mult`` 4, ``output_dim = cross_attention_dim``, ``embedding_dim`` = the image encoder's hidden
+    size. ``tiny`` uses :data:`~patchdpo_fast.models.tiny.TINY_RESAMPLER`'s width and heads.
+    """
+    cross_dim = int(unet.config.cross_attention_dim)
+    if tiny:
+        dim, heads = TINY_RESAMPLER["dim"], TINY_RESAMPLER["heads"]
+    elif unet_added_conditioning(unet):
+        dim, heads = _SDXL_PLUS_RESAMPLER["dim"], _SDXL_PLUS_RESAMPLER["heads"]
+    else:
+        dim, heads = cross_dim, max(1, cross_dim // 64)
+    return {
+        "dim": dim,
+        "depth": depth,
+        "dim_head": 64,
+        "heads": heads,
+        "num_queries": num_ip_tokens,
+        "embedding_dim": int(embedding_dim),
+        "output_dim": cross_dim,
+        "ff_mult": 4,
+    }
 
 
 @dataclass
 class PatchDPOModels:
     """Everything the PatchDPO training loop needs from the model side.
 
-    Frozen: ``vae`` (always fp32), ``text_encoder``, ``text_encoder_2``, ``image_encoder`` and the UNet inside
-    ``ip_unet``. Trainable: the IP K/V projections (plus the resampler when ``ip_unet.train_resampler``, the UNet
-    when ``ip_unet.train_unet``).
+    Frozen: ``vae`` (always fp32), ``text_encoder``, ``text_encoder_2`` (``None`` for an SD1.5-class base model),
+    ``image_encoder`` and the UNet inside ``ip_unet``. Trainable: the IP K/V projections (plus the resampler when
+    ``ip_unet.train_resampler``, the UNet when ``ip_unet.train_unet``).
     Wrap ``ip_unet`` for distributed training and call it with :meth:`predict_noise`'s arguments.
     :meth:`release_encoders` drops the VAE and the encoders once nothing needs them (an input cache serves every
     input); they are ``None`` afterwards.
@@ -61,7 +102,7 @@ class PatchDPOModels:
     text_encoder: CLIPTextModel | None
     text_encoder_2: CLIPTextModelWithProjection | None
     tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer | None
     image_encoder: CLIPVisionModelWithProjection | None
     noise_scheduler: DDPMScheduler
     image_mean: tuple[float, float, float] = CLIP_IMAGE_MEAN
@@ -79,6 +120,11 @@ class PatchDPOModels:
     def image_proj(self) -> Resampler:
         """The (policy) resampler."""
         return self.ip_unet.image_proj
+
+    @property
+    def added_conditioning(self) -> bool:
+        """Whether the UNet takes SDXL's pooled text embedding and time ids (from its config; False: SD1.5-class)."""
+        return unet_added_conditioning(self.unet)
 
     @property
     def device(self) -> torch.device:
@@ -143,15 +189,27 @@ class PatchDPOModels:
         return vae.decode(latents).sample.float()
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL text conditioning for a list of prompts.
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning for a list of prompts, as the UNet's family was trained with it.
 
         Returns:
-            ``prompt_embeds`` ``(B, 77, C1 + C2)``: penultimate hidden states of both text encoders, concatenated;
-            ``pooled_prompt_embeds`` ``(B, P)``: the projected pooled output of ``text_encoder_2``.
+            SDXL-class: ``prompt_embeds`` ``(B, 77, C1 + C2)``, the penultimate hidden states of both text encoders
+            concatenated, and ``pooled_prompt_embeds`` ``(B, P)``, the projected pooled output of ``text_encoder_2``.
+            SD1.5-class: ``prompt_embeds`` ``(B, 77, C)``, the text encoder's last hidden state (after its final
+            layer norm, as ``StableDiffusionPipeline`` and IP-Adapter's SD1.5 training use it), and ``None``.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if self.text_encoder_2 is None and not self.encoders_released:
+            encoder = self._encoder("text_encoder")
+            ids = self.tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            return encoder(ids)[0], None
         for name in ("text_encoder", "text_encoder_2"):
             self._encoder(name)  # raises if released
         hidden: list[torch.Tensor] = []
@@ -175,8 +233,13 @@ class PatchDPOModels:
         resolution: int | tuple[int, int],
         original_size: tuple[int, int] | None = None,
         crop_top_left: tuple[int, int] = (0, 0),
-    ) -> torch.Tensor:
-        """SDXL micro-conditioning ``(batch, 6)``: ``original_size + crop_top_left + target_size`` (fp32)."""
+    ) -> torch.Tensor | None:
+        """SDXL micro-conditioning ``(batch, 6)``: ``original_size + crop_top_left + target_size`` (fp32).
+
+        ``None`` for an SD1.5-class UNet (no added conditioning).
+        """
+        if not self.added_conditioning:
+            return None
         target = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         original = target if original_size is None else tuple(original_size)
         ids = torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32, device=self.device)
@@ -222,8 +285,8 @@ class PatchDPOModels:
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
         image_features: torch.Tensor,
         use_reference: bool | None = None,
     ) -> torch.Tensor:
@@ -313,15 +376,15 @@ def _pretrained_components(
     weight_dtype: torch.dtype,
     variant: str | None,
     vae_path: str | os.PathLike | None,
+    prediction_type: str | None = None,
 ):
+    """Load the frozen components from local folders; the UNet's config decides whether the base model is SDXL-class
+    (``text_encoder_2`` / ``tokenizer_2`` loaded too) or SD1.5-class (one text encoder; a second one is ignored)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    root = _require_dir(Path(pretrained_model_path), "SDXL model folder (pretrained_model_path)")
-    for sub in PRETRAINED_SUBFOLDERS:
-        if sub == "vae" and vae_path is not None:
-            continue
-        _require_dir(root / sub, f"SDXL model subfolder '{sub}'")
+    root = _require_dir(Path(pretrained_model_path), "base model folder (pretrained_path)")
+    _require_dir(root / "unet", "base model subfolder 'unet'")
     image_dir = _require_dir(Path(image_encoder_path), "CLIP image-encoder folder (image_encoder_path)")
     tf_dtype = _transformers_dtype_kwargs(weight_dtype)
     common = {"local_files_only": True}
@@ -329,6 +392,12 @@ def _pretrained_components(
     unet = UNet2DConditionModel.from_pretrained(
         root, subfolder="unet", torch_dtype=weight_dtype, variant=variant, **common
     )
+    sdxl = unet_added_conditioning(unet)
+    for sub in PRETRAINED_SUBFOLDERS:
+        if (sub == "vae" and vae_path is not None) or (sub in SDXL_ONLY_SUBFOLDERS and not sdxl):
+            continue
+        what = "SDXL-class (UNet addition_embed_type text_time) " if sub in SDXL_ONLY_SUBFOLDERS else ""
+        _require_dir(root / sub, f"{what}base model subfolder '{sub}'")
     vae_dir = _require_dir(Path(vae_path), "VAE folder (vae_path)") if vae_path is not None else root / "vae"
     if is_pixel_space_folder(vae_dir):
         vae = PixelSpaceAutoencoder.from_config(PixelSpaceAutoencoder.load_config(vae_dir))
@@ -337,14 +406,28 @@ def _pretrained_components(
     else:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32, variant=variant, **common)
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", variant=variant, **tf_dtype, **common)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-        root, subfolder="text_encoder_2", variant=variant, **tf_dtype, **common
-    )
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **common)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", **common)
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **common)
+    text_encoder_2 = tokenizer_2 = None
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder="text_encoder_2", variant=variant, **tf_dtype, **common
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", **common)
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **overrides, **common)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, **tf_dtype, **common)
     return unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler
+
+
+def _check_text_width(unet: Any, text_encoder: Any, text_encoder_2: Any | None) -> None:
+    """The text tokens' width (one encoder, or both concatenated) must be the UNet's cross-attention width."""
+    widths = [int(e.config.hidden_size) for e in (text_encoder, text_encoder_2) if e is not None]
+    cross_dim = int(unet.config.cross_attention_dim)
+    if sum(widths) != cross_dim:
+        raise ValueError(
+            f"the text encoder(s) produce tokens of width {' + '.join(map(str, widths))} = {sum(widths)}, but the "
+            f"UNet's cross_attention_dim is {cross_dim}: the text encoders do not belong to this UNet"
+        )
 
 
 def _image_norm_stats(image_encoder_path: str | os.PathLike | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -380,14 +463,19 @@ def build_models(
     train_unet: bool = False,
     reference: bool = True,
     train_adapter: bool = True,
+    tiny_architecture: str = "sdxl",
+    prediction_type: str | None = None,
 ) -> PatchDPOModels:
-    """Build IP-Adapter-Plus on SDXL for PatchDPO training.
+    """Build IP-Adapter-Plus on an SDXL- or SD1.5-class base model for PatchDPO training.
+
+    The base model's family comes from its UNet's config (see the module docstring), so the same call builds either.
 
     Args:
-        tiny: build tiny randomly initialized SDXL-shaped components (CPU tests / demos) instead of loading.
+        tiny: build tiny randomly initialized components (CPU tests / demos) instead of loading.
         seed: seed of every random initialization (tiny components, resampler, IP K/V when not loaded).
-        pretrained_model_path: local SDXL diffusers folder (``unet/``, ``vae/``, ``text_encoder/``,
-            ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``); required unless ``tiny``.
+        pretrained_model_path: local diffusers folder of the base model: ``unet/``, ``vae/``, ``text_encoder/``,
+            ``tokenizer/``, ``scheduler/`` and, for an SDXL-class UNet, ``text_encoder_2/``, ``tokenizer_2/``;
+            required unless ``tiny``.
         image_encoder_path: local CLIP vision folder (``CLIPVisionModelWithProjection``); required unless ``tiny``.
         ip_adapter_path: optional IP-Adapter-Plus checkpoint (``.safetensors`` or official ``.bin``, read with
             ``weights_only=True``); the resampler shape is read from it, and policy and reference both start from it.
@@ -401,7 +489,8 @@ def build_models(
         xformers_fallback: if xformers is unusable, warn and use sdpa (True) or raise (False).
         ip_scale: weight of the image branch of every IP cross-attention.
         num_ip_tokens, resampler_dim, resampler_heads, resampler_depth: resampler shape when no ``ip_adapter_path``
-            is given (defaults: 16 tokens; width 1280 / 20 heads pretrained, 32 / 2 heads tiny; depth 4).
+            is given (defaults: 16 tokens, depth 4 and :func:`default_resampler_config`'s width and heads: 1280 / 20
+            for SDXL-class, 768 / 12 for SD1.5, 32 / 2 tiny).
         gradient_checkpointing: enable activation checkpointing in the UNet.
         train_unet: also train the UNet's own weights (full finetuning; the UNet is kept in fp32 then, whatever
             ``weight_dtype``, as trainable master weights are).
@@ -409,6 +498,9 @@ def build_models(
             the trainer passes ``False`` for the other losses and whenever the adapter does not train.
         train_adapter: train the IP-Adapter (``False``: only the UNet, or a LoRA on it, trains; see
             :mod:`patchdpo_fast.training.trainable`).
+        tiny_architecture: with ``tiny``, ``"sdxl"`` (default) or ``"sd15"`` (see :mod:`~patchdpo_fast.models.tiny`).
+        prediction_type: override the noise scheduler's ``prediction_type`` (``"epsilon"`` or ``"v_prediction"``);
+            ``None`` keeps the scheduler config's (the training target follows it).
 
     Raises:
         FileNotFoundError: a given folder or file does not exist (the message names it).
@@ -419,6 +511,10 @@ def build_models(
             raise ValueError("tiny=True builds random components; do not pass pretrained_model_path/image_encoder_path")
     elif pretrained_model_path is None or image_encoder_path is None:
         raise ValueError("pass tiny=True, or both pretrained_model_path and image_encoder_path (local folders)")
+    if tiny_architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"tiny_architecture must be one of {TINY_ARCHITECTURES}, got {tiny_architecture!r}")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be None, 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
     adapter_groups = None
     if ip_adapter_path is not None:
@@ -426,25 +522,32 @@ def build_models(
 
     with torch.random.fork_rng(devices=[]):
         if tiny:
-            c = build_tiny_components(seed)
-            parts = tuple(c[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+            c = build_tiny_components(seed, tiny_architecture, prediction_type)
+            parts = tuple(
+                c.get(k) for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+            )
             parts += (c["image_encoder"], c["scheduler"])
         else:
-            parts = _pretrained_components(pretrained_model_path, image_encoder_path, weight_dtype, variant, vae_path)
+            parts = _pretrained_components(
+                pretrained_model_path, image_encoder_path, weight_dtype, variant, vae_path, prediction_type
+            )
         unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler = parts
+        _check_text_width(unet, text_encoder, text_encoder_2)
 
+        frozen = [m for m in (unet, vae, text_encoder, text_encoder_2, image_encoder) if m is not None]
         if tiny and weight_dtype != torch.float32:
             for module in (unet, text_encoder, text_encoder_2, image_encoder):
-                module.to(weight_dtype)
+                if module is not None:
+                    module.to(weight_dtype)
         if train_unet and unet.dtype != torch.float32:
             unet.to(torch.float32)
-        for module in (unet, vae, text_encoder, text_encoder_2, image_encoder):
+        for module in frozen:
             module.requires_grad_(False)
             module.eval()
 
         embed_dim = int(image_encoder.config.hidden_size)
-        cross_dim = int(unet.config.cross_attention_dim)
         if adapter_groups is not None:
+            check_adapter_fits(adapter_groups, unet, ip_adapter_path)
             cfg = resampler_config_from_state_dict(adapter_groups["image_proj"])
             if cfg["embedding_dim"] != embed_dim:
                 raise ValueError(
@@ -452,17 +555,9 @@ def build_models(
                     f"image encoder produces {embed_dim}"
                 )
         else:
-            defaults = TINY_RESAMPLER if tiny else {"dim": 1280, "heads": 20, "dim_head": 64, "ff_mult": 4}
-            cfg = {
-                "dim": resampler_dim or defaults["dim"],
-                "depth": resampler_depth,
-                "dim_head": defaults["dim_head"],
-                "heads": resampler_heads or defaults["heads"],
-                "num_queries": num_ip_tokens,
-                "embedding_dim": embed_dim,
-                "output_dim": cross_dim,
-                "ff_mult": defaults["ff_mult"],
-            }
+            cfg = default_resampler_config(unet, embed_dim, num_ip_tokens, tiny=tiny, depth=resampler_depth)
+            cfg["dim"] = resampler_dim or cfg["dim"]
+            cfg["heads"] = resampler_heads or cfg["heads"]
         torch.manual_seed(seed + 5)
         resampler = Resampler(**cfg).float()
 

@@ -33,8 +33,11 @@ from .resampler import Resampler, resampler_config_from_state_dict
 
 __all__ = [
     "IPAdapterUNet",
+    "check_adapter_fits",
     "cross_attention_processor_names",
+    "describe_unet",
     "read_ip_adapter_file",
+    "unet_added_conditioning",
     "write_ip_adapter_file",
 ]
 
@@ -46,6 +49,62 @@ def cross_attention_processor_names(unet: nn.Module) -> list[str]:
     (and is not in a motion module).
     """
     return [n for n in unet.attn_processors if not n.endswith("attn1.processor") and "motion_modules" not in n]
+
+
+def unet_added_conditioning(unet: nn.Module) -> bool:
+    """Whether the UNet takes SDXL's added conditioning (pooled text embedding + micro-conditioning time ids).
+
+    Read from the UNet's own config: ``addition_embed_type == "text_time"`` (SDXL-class). ``None`` (SD1.5 / SD2-class:
+    the text tokens are the only conditioning) gives False. Other addition types are not supported.
+
+    Raises:
+        ValueError: another ``addition_embed_type`` (``text``, ``image``, ``text_image``, ``image_hint``).
+    """
+    kind = getattr(unet.config, "addition_embed_type", None)
+    if kind not in (None, "text_time"):
+        raise ValueError(
+            f"UNet addition_embed_type={kind!r} is not supported: SDXL-class UNets use 'text_time' (pooled text + time "
+            "ids), SD1.5/SD2-class UNets none"
+        )
+    return kind == "text_time"
+
+
+def describe_unet(unet: nn.Module) -> str:
+    """The UNet's conditioning layout in words, from its config (for error messages)."""
+    n = len(cross_attention_processor_names(unet))
+    kind = (
+        "SDXL-class: pooled text + time ids" if unet_added_conditioning(unet) else "SD1.5-class: no added conditioning"
+    )
+    return f"cross_attention_dim {unet.config.cross_attention_dim}, {n} cross-attention layers ({kind})"
+
+
+def check_adapter_fits(groups: Mapping[str, Mapping[str, torch.Tensor]], unet: nn.Module, source: object) -> None:
+    """Refuse an IP-Adapter made for another UNet layout before any tensor is copied, naming both layouts.
+
+    Compares the adapter's output width (``image_proj.proj_out``), the text width its K/V projections read and its
+    number of IP layers with the UNet's ``cross_attention_dim`` and cross-attention layers (an SDXL adapter has 2048
+    and 70, an SD1.5 one 768 and 16).
+
+    Raises:
+        ValueError: the adapter does not fit; the message names the file, both layouts and what to use instead.
+    """
+    image_proj, ip_adapter = groups["image_proj"], groups["ip_adapter"]
+    proj_out = image_proj.get("proj_out.weight")
+    file_dim = int(proj_out.shape[0]) if proj_out is not None else None
+    kv = [v for k, v in ip_adapter.items() if k.endswith("to_k_ip.weight")]
+    kv_dims = sorted({int(v.shape[1]) for v in kv})
+    file_layers = len(kv)
+    cross_dim = int(unet.config.cross_attention_dim)
+    layers = len(cross_attention_processor_names(unet))
+    if file_dim in (None, cross_dim) and kv_dims in ([], [cross_dim]) and file_layers == layers:
+        return
+    family = {2048: " (the SDXL layout)", 768: " (the SD1.5 layout)"}.get(file_dim or -1, "")
+    raise ValueError(
+        f"IP-Adapter {source} does not fit this UNet: the adapter is laid out for cross_attention_dim {file_dim} "
+        f"(its K/V projections read width {kv_dims or '?'}) with {file_layers} IP cross-attention layers{family}; "
+        f"the UNet has {describe_unet(unet)}. Use the IP-Adapter made for this base model (e.g. "
+        "ip-adapter-plus_sd15 for SD1.5, ip-adapter-plus_sdxl_vit-h for SDXL)"
+    )
 
 
 def _is_processor_key(name: str) -> bool:
@@ -127,7 +186,10 @@ def write_ip_adapter_file(
 
 
 class IPAdapterUNet(nn.Module):
-    """A frozen SDXL UNet with IP-Adapter-Plus processors, the resampler and (optionally) the DPO reference adapter.
+    """A frozen diffusers UNet with IP-Adapter-Plus processors, the resampler and (optionally) the reference adapter.
+
+    The UNet may be SDXL-class (``addition_embed_type="text_time"``: pooled text + time ids) or SD1.5-class (no added
+    conditioning); which one is read from its config (:func:`unet_added_conditioning`), never from a name.
 
     Args:
         unet: a diffusers ``UNet2DConditionModel``; its processors are replaced in place and its weights frozen.
@@ -168,7 +230,8 @@ class IPAdapterUNet(nn.Module):
         cross_dim = unet.config.cross_attention_dim
         if resampler.config["output_dim"] != cross_dim:
             raise ValueError(
-                f"resampler output_dim {resampler.config['output_dim']} != UNet cross_attention_dim {cross_dim}"
+                f"resampler output_dim {resampler.config['output_dim']} != UNet cross_attention_dim {cross_dim} (the "
+                f"UNet has {describe_unet(unet)})"
             )
         unet.requires_grad_(False)
         self.unet = unet
@@ -180,6 +243,7 @@ class IPAdapterUNet(nn.Module):
         self._reference = bool(reference)
         self._use_reference = False
         self._ip_names = cross_attention_processor_names(unet)
+        self._added_conditioning = unet_added_conditioning(unet)  # SDXL-class (pooled text + time ids) or SD1.5-class
 
         backend = resolve_backend(attention_backend, xformers_fallback)  # warn / raise once, not per layer
         self.attention_backend = backend
@@ -457,19 +521,21 @@ class IPAdapterUNet(nn.Module):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
         image_features: torch.Tensor,
         use_reference: bool | None = None,
     ) -> torch.Tensor:
-        """Predict the noise ``eps`` for ``noisy_latents`` (same shape, in the UNet's dtype).
+        """Predict the noise ``eps`` (or ``v``, as the UNet was trained) for ``noisy_latents`` (same shape, in the
+        UNet's dtype).
 
         Args:
             noisy_latents: ``(B, 4, h, w)``.
             timesteps: ``(B,)`` or a scalar.
             prompt_embeds: ``(B, T, cross_attention_dim)`` (see ``PatchDPOModels.encode_prompts``).
-            pooled_prompt_embeds: ``(B, pooled_dim)``.
-            time_ids: ``(B, 6)`` SDXL micro-conditioning.
+            pooled_prompt_embeds: ``(B, pooled_dim)`` for an SDXL-class UNet (``addition_embed_type="text_time"``);
+                ignored (may be None) for an SD1.5-class UNet, which has no added conditioning.
+            time_ids: ``(B, 6)`` SDXL micro-conditioning; ignored (may be None) for an SD1.5-class UNet.
             image_features: ``(B, S, D)`` CLIP vision penultimate hidden states.
             use_reference: run the frozen reference adapter (always without gradients); ``None`` means the
                 current :meth:`reference_mode`.
@@ -488,6 +554,12 @@ class IPAdapterUNet(nn.Module):
         grad_ctx = torch.no_grad() if use_reference else contextlib.nullcontext()
         lora_ctx = self.unet_lora_disabled() if use_reference else contextlib.nullcontext()
         dtype = self.unet.conv_in.weight.dtype
+        added = None
+        if self._added_conditioning:
+            if pooled_prompt_embeds is None or time_ids is None:
+                raise ValueError("this SDXL-class UNet (addition_embed_type text_time) needs pooled_prompt_embeds and "
+                                 "time_ids")  # fmt: skip
+            added = {"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
         with grad_ctx, lora_ctx:
             tokens = self.ip_tokens(image_features, use_reference=ref_adapter)
             encoder_hidden_states = torch.cat([prompt_embeds.to(dtype), tokens.to(dtype)], dim=1)
@@ -495,7 +567,7 @@ class IPAdapterUNet(nn.Module):
                 noisy_latents.to(dtype),
                 timesteps,
                 encoder_hidden_states=encoder_hidden_states,
-                added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+                added_cond_kwargs=added,
                 cross_attention_kwargs={"use_reference": ref_adapter},
                 return_dict=False,
             )[0]
@@ -536,6 +608,7 @@ class IPAdapterUNet(nn.Module):
             update_reference: also make the frozen reference adapter (if there is one) equal to the loaded weights.
         """
         groups = read_ip_adapter_file(source) if isinstance(source, (str, os.PathLike)) else source
+        check_adapter_fits(groups, self.unet, source if isinstance(source, (str, os.PathLike)) else "(state dict)")
         image_proj = dict(groups["image_proj"])
         ip_adapter = dict(groups["ip_adapter"])
         found = resampler_config_from_state_dict(image_proj, dim_head=self.image_proj.config["dim_head"])

@@ -1,8 +1,15 @@
-"""Tiny, randomly initialized SDXL-shaped components for CPU tests and demos.
+"""Tiny, randomly initialized SDXL- or SD1.5-shaped components for CPU tests and demos.
 
-Shapes follow SDXL (two text encoders whose penultimate hidden states are concatenated into the cross-attention
-width, a pooled projection from the second one, ``text_time`` micro-conditioning, a VAE with an 8x downsampling
-factor, a CLIP vision tower with projection) at toy widths, so the same training code runs on both scales.
+Two architectures (:data:`TINY_ARCHITECTURES`), both at toy widths so the same training code runs on them and on the
+real scale:
+
+* ``sdxl``: two text encoders whose penultimate hidden states are concatenated into the cross-attention width, a
+  pooled projection from the second one, ``text_time`` micro-conditioning (``addition_embed_type``), a VAE with an 8x
+  downsampling factor, a CLIP vision tower with projection;
+* ``sd15``: one text encoder whose last hidden state is the cross-attention input (width 32 = the UNet's
+  ``cross_attention_dim``), no added conditioning, SD1.5's block order (cross-attention in the outer blocks) and
+  latent scaling factor.
+
 Tokenizers are built from a small byte-level BPE vocabulary written by :func:`write_tiny_clip_tokenizer_files`.
 """
 
@@ -16,8 +23,11 @@ from typing import Any
 
 __all__ = [
     "SDXL_DDPM_CONFIG",
+    "TINY_ARCHITECTURES",
     "TINY_IMAGE_ENCODER",
     "TINY_RESAMPLER",
+    "TINY_SD15_UNET",
+    "TINY_SD15_VAE",
     "TINY_TEXT_ENCODER",
     "TINY_UNET",
     "TINY_VAE",
@@ -57,6 +67,22 @@ TINY_UNET: dict[str, Any] = {
     "norm_num_groups": 16,
 }
 
+#: SD1.5-class UNet at toy width: cross-attention in the outer blocks (SD1.5 has it in all but the innermost),
+#: one text encoder's width as ``cross_attention_dim``, no ``addition_embed_type`` (no pooled text, no time ids).
+#: 6 cross-attention layers: down 2, mid 1, up 3.
+TINY_SD15_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 16,
+}
+
 #: VAE: four levels -> 8x downsampling like SDXL's; SDXL's scaling factor.
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3,
@@ -70,6 +96,12 @@ TINY_VAE: dict[str, Any] = {
     "sample_size": 64,
     "scaling_factor": 0.13025,
 }
+
+#: The SD1.5 VAE's shape at toy width: SD1.5's latent scaling factor.
+TINY_SD15_VAE: dict[str, Any] = {**TINY_VAE, "scaling_factor": 0.18215}
+
+#: Architectures :func:`build_tiny_components` builds.
+TINY_ARCHITECTURES: tuple[str, ...] = ("sdxl", "sd15")
 
 #: CLIP vision tower: 32 px, 8 px patches -> 16 + 1 tokens of width 32.
 TINY_IMAGE_ENCODER: dict[str, Any] = {
@@ -167,15 +199,21 @@ def build_tiny_tokenizer(model_max_length: int = 77):
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
-    """Tiny random SDXL components named as ``StableDiffusionXLPipeline`` arguments.
+def build_tiny_components(
+    seed: int = 0, architecture: str = "sdxl", prediction_type: str | None = None
+) -> dict[str, Any]:
+    """Tiny random components named as the diffusers pipeline arguments of ``architecture``.
 
-    Keys: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``, ``scheduler``
-    (DDPM, SDXL schedule), ``image_encoder`` and ``feature_extractor`` (a ``CLIPImageProcessor`` at the encoder's
-    size), so ``StableDiffusionXLPipeline(**build_tiny_components())`` works and ``save_pretrained`` writes a
-    folder that :func:`~patchdpo_fast.models.build_models` loads. Deterministic in ``seed``; the global RNG state
-    is left untouched.
+    ``sdxl`` keys: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``,
+    ``scheduler`` (DDPM, SDXL schedule), ``image_encoder`` and ``feature_extractor`` (a ``CLIPImageProcessor`` at the
+    encoder's size), so ``StableDiffusionXLPipeline(**build_tiny_components())`` works and ``save_pretrained`` writes
+    a folder that :func:`~patchdpo_fast.models.build_models` loads. ``sd15`` has no ``text_encoder_2`` /
+    ``tokenizer_2`` (``StableDiffusionPipeline(**components, safety_checker=None, requires_safety_checker=False)``).
+    ``prediction_type`` (``epsilon`` / ``v_prediction``) overrides the scheduler's. Deterministic in ``seed``; the
+    global RNG state is left untouched.
     """
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}")
     import torch
     from diffusers import DDPMScheduler
     from transformers import (
@@ -190,35 +228,42 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    sd15 = architecture == "sd15"
     with torch.random.fork_rng(devices=[]):
         modules = instantiate_components(
-            TINY_UNET, TINY_VAE, {**TINY_TEXT_ENCODER, **special}, {**TINY_TEXT_ENCODER, **special},
+            TINY_SD15_UNET if sd15 else TINY_UNET, TINY_SD15_VAE if sd15 else TINY_VAE,
+            {**TINY_TEXT_ENCODER, **special}, None if sd15 else {**TINY_TEXT_ENCODER, **special},
             TINY_IMAGE_ENCODER, seed,
         )  # fmt: skip
     size = TINY_IMAGE_ENCODER["image_size"]
-    return {
+    scheduler = {**SDXL_DDPM_CONFIG, **({"prediction_type": prediction_type} if prediction_type else {})}
+    out = {
         **modules,
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
-        "scheduler": DDPMScheduler.from_config(SDXL_DDPM_CONFIG),
+        "scheduler": DDPMScheduler.from_config(scheduler),
         "feature_extractor": CLIPImageProcessor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         ),
     }
+    if sd15:
+        del out["text_encoder_2"], out["tokenizer_2"]
+    return out
 
 
 def instantiate_components(
     unet: dict[str, Any],
     vae: dict[str, Any],
     text_encoder: dict[str, Any],
-    text_encoder_2: dict[str, Any],
+    text_encoder_2: dict[str, Any] | None,
     image_encoder: dict[str, Any],
     seed: int,
 ) -> dict[str, Any]:
-    """Randomly initialized UNet, VAE, both text encoders and the CLIP image encoder from their configs (eval mode).
+    """Randomly initialized UNet, VAE, the text encoder(s) and the CLIP image encoder from their configs (eval mode).
 
     Each component is seeded on its own (``seed``, ``seed + 1``, ...), so one component's size does not change the
-    others' weights. Runs in the caller's RNG scope and device context.
+    others' weights. ``text_encoder_2=None`` (SD1.5-class) builds no second text encoder (``None`` in the result).
+    Runs in the caller's RNG scope and device context.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -236,14 +281,16 @@ def instantiate_components(
     vae_model = AutoencoderKL(**vae)
     torch.manual_seed(seed + 2)
     text_model = CLIPTextModel(CLIPTextConfig(**text_encoder))
-    torch.manual_seed(seed + 3)
-    text_model_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2))
+    text_model_2 = None
+    if text_encoder_2 is not None:
+        torch.manual_seed(seed + 3)
+        text_model_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)).eval()
     torch.manual_seed(seed + 4)
     image_model = CLIPVisionModelWithProjection(CLIPVisionConfig(**image_encoder))
     return {
         "unet": unet_model.eval(),
         "vae": vae_model.eval(),
         "text_encoder": text_model.eval(),
-        "text_encoder_2": text_model_2.eval(),
+        "text_encoder_2": text_model_2,
         "image_encoder": image_model.eval(),
     }
