@@ -208,6 +208,14 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = False
     ip_scale: Annotated[float, Field(ge=0.0)] = Field(1.0, description="Scale of the image-prompt attention branch.")
+    use_ip_adapter: bool = Field(
+        True,
+        description=(
+            "false: the base model without an IP-Adapter (text-only conditioning, no image encoder needed), for "
+            "training the UNet or a LoRA on it (model.trainable unet_lora / unet) on plain preference pairs such as "
+            "Pick-a-Pic (manifest records with prompt, winner and loser; see docs/data.md)."
+        ),
+    )
 
     @property
     def effective_trainable(self) -> str:
@@ -233,6 +241,16 @@ class ModelConfig(_Section):
                 f"is the older spelling of model.trainable=ip_adapter+unet; with model.trainable={self.trainable} "
                 "set train_unet: false",
             )
+        if not self.use_ip_adapter:
+            for name, bad in (
+                ("trainable", self.trains_adapter),
+                ("ip_adapter_path", self.ip_adapter_path is not None),
+            ):
+                if bad:
+                    raise _SubKeyError(
+                        name, "model.use_ip_adapter=false builds no IP-Adapter: train unet_lora or unet, with no "
+                        "ip_adapter_path",
+                    )  # fmt: skip
         if self.train_resampler and not self.trains_adapter:
             raise _SubKeyError(
                 "train_resampler",
@@ -251,7 +269,7 @@ class ModelConfig(_Section):
                     )
         else:
             for name in ("pretrained_path", "image_encoder_path"):
-                if getattr(self, name) is None:
+                if getattr(self, name) is None and (name == "pretrained_path" or self.use_ip_adapter):
                     raise _SubKeyError(name, "required when model.tiny is false")
         return self
 
@@ -518,6 +536,11 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if self.loss.type == "reconstruction" and self.loss.pair_order != "reference_wins":
             raise _SubKeyError("loss.pair_order", "loss.type=reconstruction has no winners and losers")
+        if not self.model.use_ip_adapter and self.samples.references is not None:
+            raise _SubKeyError(
+                "samples.references", "sample grids draw reference images through the IP-Adapter; with "
+                "model.use_ip_adapter=false set samples.references: null",
+            )  # fmt: skip
         if self.optim.use_ema and self.deepspeed.zero_stage == 3:
             raise _SubKeyError(
                 "optim.use_ema", "the moving average needs whole weights on every rank; ZeRO-3 shards them"

@@ -137,7 +137,8 @@ class _Inputs:
         else:
             with torch.no_grad():
                 embeds, pooled = models.encode_prompts([""])
-                null = {"prompt_embeds": embeds, "pooled": pooled, "image_features": models.null_image_features()}
+                feats = models.null_image_features() if models.ip_unet.has_ip_adapter else None
+                null = {"prompt_embeds": embeds, "pooled": pooled, "image_features": feats}
         # "pooled" is absent or None for an SD1.5-class UNet (no added conditioning)
         self.null = {k: v.to(env.device) for k, v in null.items() if v is not None}
 
@@ -147,7 +148,8 @@ class _Inputs:
             lat_ref, lat_gen = batch["latents_ref"].to(dev).float(), batch["latents_gen"].to(dev).float()
             embeds, pooled = batch["prompt_embeds"].to(dev), batch.get("pooled")
             pooled = None if pooled is None else pooled.to(dev)
-            feats = batch["image_features"].to(dev)
+            feats = batch.get("image_features")  # absent without an IP-Adapter (model.use_ip_adapter=false)
+            feats = None if feats is None else feats.to(dev)
         else:
             with torch.no_grad():
                 gen = torch.Generator(device=self.models.device).manual_seed(
@@ -157,7 +159,9 @@ class _Inputs:
                 latents = self.models.encode_images(pixels * 2 - 1, generator=gen)
                 lat_ref, lat_gen = latents.chunk(2)
                 embeds, pooled = self.models.encode_prompts(batch["prompt"])
-                feats = self.models.encode_reference_images(batch["ref_pixels"].to(dev))
+                feats = None
+                if self.models.ip_unet.has_ip_adapter:
+                    feats = self.models.encode_reference_images(batch["ref_pixels"].to(dev))
         return {
             "lat_ref": lat_ref,
             "lat_gen": lat_gen,
@@ -175,6 +179,13 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
     from patchdpo_fast.data.cache_settings import input_cache_settings
 
     raw = build_pair_dataset(cfg.data, needs_quality=cfg.loss.effective_weight_mode != "uniform")
+    preference = int(getattr(raw, "num_preference_pairs", 0))
+    if preference and cfg.model.use_ip_adapter:
+        raise UserError(
+            f"data.manifest_path {cfg.data.manifest_path} holds {preference} plain preference pair(s) (winner/loser, "
+            "no reference photo): an IP-Adapter would take the winner itself as its image prompt. Train them without "
+            "one: model.use_ip_adapter=false with model.trainable unet_lora or unet (docs/data.md)"
+        )
     if not cfg.cache.enabled:
         return raw, None
     # exactly what the cached tensors depend on: encoder weights and dtypes, resolution, preprocessing (the data,
@@ -186,14 +197,16 @@ def _build_data(cfg: TrainConfig, models: Any, env: DistEnv) -> tuple[Any, Any |
             cfg.cache.dir,
             encode_images=lambda p: models.encode_images(p.to(models.device) * 2 - 1, sample=True),
             encode_prompts=models.encode_prompts,
-            encode_reference=lambda p: models.encode_reference_images(p.to(models.device)),
+            encode_reference=(lambda p: models.encode_reference_images(p.to(models.device)))
+            if models.ip_unet.has_ip_adapter
+            else None,
             settings=settings,
             shard_size=cfg.cache.shard_size,
             batch_size=cfg.cache.encode_batch_size,
             dtype=getattr(torch, cfg.cache.dtype),
             on_stale=cfg.cache.on_stale,
             progress=True,
-            encode_null_image=models.null_image_features,
+            encode_null_image=models.null_image_features if models.ip_unet.has_ip_adapter else None,
         )
     env.barrier()
     cached = CachedPairDataset(cfg.cache.dir)
@@ -228,6 +241,7 @@ def _build_models(cfg: TrainConfig, env: DistEnv) -> Any:
         seed=m.tiny_seed,
         tiny_architecture=m.tiny_architecture,
         prediction_type=m.prediction_type,
+        use_ip_adapter=m.use_ip_adapter,
         pretrained_model_path=m.pretrained_path,
         image_encoder_path=m.image_encoder_path,
         ip_adapter_path=m.ip_adapter_path,
@@ -617,7 +631,9 @@ def _forward_loss(cfg: TrainConfig, models: Any, engine: Any, inputs: _Inputs, x
     noisy = sched.add_noise(latents, noise, t)
     target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
     embeds = apply_dropout(x["embeds"], inputs.null["prompt_embeds"], rnd.drop_text).repeat(reps, 1, 1)
-    feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(reps, 1, 1)
+    feats = None  # no IP-Adapter (model.use_ip_adapter=false): text-only conditioning
+    if x["feats"] is not None:
+        feats = apply_dropout(x["feats"], inputs.null["image_features"], rnd.drop_image).repeat(reps, 1, 1)
     pooled = time_ids = None  # SD1.5-class UNets take no added conditioning (read from the UNet's config)
     if models.added_conditioning:
         pooled = apply_dropout(x["pooled"], inputs.null["pooled"], rnd.drop_text).repeat(reps, 1)
@@ -860,10 +876,10 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | None, overwrite: bool =
         if env.is_main:
             with ema.applied() if ema is not None else contextlib.nullcontext():  # exports hold the average
                 exports = export_run(cfg, models, trainable.mode, out_dir)  # adapter, UNet LoRA or full UNet
-            adapter_path = exports["adapter"]
+            adapter_path = exports.get("adapter")  # None without an IP-Adapter (model.use_ip_adapter=false)
             atomic_write_json(
                 out_dir / "summary.json",
-                {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path),
+                {"final_step": step, "nan_skips": nan_skips, "adapter": str(adapter_path) if adapter_path else None,
                  "exports": {k: str(v) for k, v in exports.items()}, "trainable": trainable.mode.name,
                  "fixed_batch_loss_start": eval_start, "fixed_batch_loss_end": eval_end,
                  "last_checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": env.world_size},
@@ -904,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)  # a ConfigError names the key (reported by cli.run_command)
     result = train(cfg, resume=args.resume, local_rank=args.local_rank, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"output_dir": str(result.output_dir), "adapter": str(result.adapter_path),
+        adapter = str(result.adapter_path) if result.adapter_path else None
+        print(json.dumps({"output_dir": str(result.output_dir), "adapter": adapter,
                           "final_step": result.final_step, "nan_skips": result.nan_skips,
                           "last_checkpoint": str(result.last_checkpoint)}, indent=2))  # fmt: skip
     return 0

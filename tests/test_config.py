@@ -405,3 +405,14 @@ def test_overrides_accept_every_documented_value_as_written(tmp_path: Path) -> N
     ).model.xformers_fallback
     with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
         load_config(None, ["train.mixed_precision=true"], check_paths=False)
+
+
+def test_sdxl_unet_lora_dpo_config_is_the_diffusion_dpo_recipe(in_repo: Path) -> None:
+    cfg = load_config(REPO / "configs" / "sdxl_unet_lora_dpo.yaml", check_paths=False)
+    assert cfg.model.trainable == "unet_lora" and not cfg.model.use_ip_adapter
+    assert cfg.model.image_encoder_path is None and cfg.model.ip_adapter_path is None
+    assert cfg.loss.type == "diffusion_dpo" and cfg.loss.beta == 5000.0 and cfg.loss.effective_weight_mode == "uniform"
+    assert cfg.optim.lr == pytest.approx(1e-5) and cfg.optim.lr_schedule == "constant" and cfg.optim.warmup_steps == 0
+    assert cfg.train.max_steps == 2000 and cfg.data.pairs_per_batch * cfg.train.gradient_accumulation_steps == 16
+    assert cfg.model.lora.rank == 8 and cfg.model.lora.effective_alpha == 8.0
+    assert cfg.data.missing_maps == "uniform" and cfg.data.drop_text == 0.0

@@ -261,7 +261,7 @@ def build_input_cache(
     *,
     encode_images: EncodeImages,
     encode_prompts: EncodePrompts,
-    encode_reference: EncodeReference,
+    encode_reference: EncodeReference | None,
     settings: Mapping[str, Any] | None = None,
     shard_size: int = 256,
     batch_size: int = 8,
@@ -279,7 +279,8 @@ def build_input_cache(
         encode_images: ``(N, 3, H, W)`` pixels in [0, 1] -> ``(N, C, h, w)`` latents (already scaled as the UNet
             expects). Called once per batch on the reference and generated images together.
         encode_prompts: list of N prompts -> ``(prompt_embeds (N, L, D), pooled (N, P) or None)``.
-        encode_reference: ``(N, 3, H, W)`` reference pixels in [0, 1] -> ``(N, T, F)`` image features.
+        encode_reference: ``(N, 3, H, W)`` reference pixels in [0, 1] -> ``(N, T, F)`` image features; ``None``
+            caches no image features (a model without an IP-Adapter, conditioned on text only).
         settings: JSON-able description of everything else the cached tensors depend on (encoder weights and
             dtypes, resolution, preprocessing: :func:`~patchdpo_fast.data.cache_settings.input_cache_settings` for a
             training config); part of the fingerprint, so changing it invalidates the cache, and a stale cache's
@@ -427,7 +428,7 @@ def _write_null(
     cache_dir: Path,
     dataset: Dataset,
     encode_prompts: EncodePrompts,
-    encode_reference: EncodeReference,
+    encode_reference: EncodeReference | None,
     storage: torch.dtype,
     encode_null_image: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
@@ -438,9 +439,12 @@ def _write_null(
         tensors["pooled"] = _cast(_as_rows("encode_prompts (pooled)", pooled, 1), storage)
     if encode_null_image is not None:
         features = encode_null_image()
-    else:
+    elif encode_reference is not None:
         features = encode_reference(torch.zeros((1, *ref.shape), dtype=ref.dtype))
-    tensors["image_features"] = _cast(_as_rows("encode_reference", features, 1), storage)
+    else:
+        features = None  # text-only conditioning: no image features
+    if features is not None:
+        tensors["image_features"] = _cast(_as_rows("encode_reference", features, 1), storage)
     data = safetensors_save(tensors)
     _atomic_write(cache_dir / NULL_NAME, data)
     return {"file": NULL_NAME, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -456,7 +460,7 @@ def _write_shard(
     storage: torch.dtype,
     encode_images: EncodeImages,
     encode_prompts: EncodePrompts,
-    encode_reference: EncodeReference,
+    encode_reference: EncodeReference | None,
     bar: tqdm,
 ) -> dict[str, Any]:
     columns: dict[str, list[torch.Tensor]] = {
@@ -477,7 +481,8 @@ def _write_shard(
         columns["prompt_embeds"].append(_as_rows("encode_prompts", embeds, n))
         if pooled is not None:
             columns["pooled"].append(_as_rows("encode_prompts (pooled)", pooled, n))
-        columns["image_features"].append(_as_rows("encode_reference", encode_reference(ref), n))
+        if encode_reference is not None:
+            columns["image_features"].append(_as_rows("encode_reference", encode_reference(ref), n))
         columns["q_ref"].append(torch.stack([torch.as_tensor(it["q_ref"], dtype=torch.float32) for it in items]))
         columns["q_gen"].append(torch.stack([torch.as_tensor(it["q_gen"], dtype=torch.float32) for it in items]))
         indices += [int(it["index"]) for it in items]

@@ -76,7 +76,9 @@ def input_cache_settings(cfg: TrainConfig) -> dict[str, Any]:
             return dict(tiny_id)
         return _folder_identity(Path(m.pretrained_path) / sub)
 
-    image = dict(tiny_id) if m.tiny else _folder_identity(Path(m.image_encoder_path))
+    image = None  # no IP-Adapter (model.use_ip_adapter=false): no image encoder, no image features cached
+    if m.use_ip_adapter:
+        image = dict(tiny_id) if m.tiny else _folder_identity(Path(m.image_encoder_path))
     second = {"weights": weights("text_encoder_2"), "tokenizer": weights("tokenizer_2"), "dtype": dtype}
     if m.tiny and m.tiny_architecture == "sd15":
         second = None  # one text encoder (a pretrained SD1.5 folder records its absent text_encoder_2/ as such)
@@ -84,7 +86,7 @@ def input_cache_settings(cfg: TrainConfig) -> dict[str, Any]:
         "vae": {"weights": weights("vae"), "dtype": "float32"},
         "text_encoder": {"weights": weights("text_encoder"), "tokenizer": weights("tokenizer"), "dtype": dtype},
         "text_encoder_2": second,
-        "image_encoder": {"weights": image, "dtype": dtype},
+        "image_encoder": {"weights": image, "dtype": dtype} if image is not None else None,
         "resolution": cfg.data.resolution,
         "preprocessing": {
             "version": PREPROCESSING_VERSION,

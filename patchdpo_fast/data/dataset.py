@@ -420,6 +420,11 @@ class ManifestPairDataset(_SkippingPairDataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def num_preference_pairs(self) -> int:
+        """Pairs from plain preference records (winner / loser, no reference photo to condition an IP-Adapter on)."""
+        return sum(1 for p in self.pairs if p.preference)
+
     def _map(self, path: Path | None, pair: ManifestPair) -> torch.Tensor:
         where = f"{pair.record_id}[{pair.k}]"
         if path is None:

@@ -14,6 +14,12 @@ Paths are relative to the manifest's folder (absolute paths are accepted). Quali
 computed; ``q_ref`` (reference side) and ``q_gen`` (generated side) come together. Every record expands to one
 training pair per generated image: ``(reference, generated[k])``.
 
+A record may instead be a plain preference pair (Pick-a-Pic-like, for training the UNet or a LoRA on it without an
+IP-Adapter): ``{"id": "pap/0001", "prompt": "a red fox", "winner": "w.jpg", "loser": "l.jpg"}`` (``subject`` and
+``meta`` optional; ``loser`` may also be an object like a ``generated`` entry, with its maps). It is one pair whose
+winner takes the reference side and whose loser the generated side; it has no reference photo to condition an
+IP-Adapter on (:attr:`ManifestPair.preference`).
+
 :meth:`Manifest.load` validates every line and collects *every* problem with its line number: bad JSON, a missing
 or mistyped field, a duplicate id, a missing file, an unreadable image, an unreadable or wrong-size quality map.
 With ``on_bad_record="error"`` it raises one :class:`ManifestError` listing them all; with ``"skip"`` it drops the
@@ -63,6 +69,8 @@ BadRecordPolicy = Literal["error", "skip"]
 
 _RECORD_FIELDS = ("id", "subject", "prompt", "reference", "generated", "meta")
 _REQUIRED_FIELDS = ("id", "subject", "prompt", "reference", "generated")
+_PREFERENCE_FIELDS = ("id", "subject", "prompt", "winner", "loser", "meta")
+_PREFERENCE_REQUIRED = ("id", "prompt", "winner", "loser")
 _GENERATED_FIELDS = ("image", "q_ref", "q_gen", "seed", "meta")
 _MESSAGE_LIMIT = 200  # problems spelled out in an exception message (all of them stay on .problems)
 
@@ -132,7 +140,9 @@ class GeneratedImage:
 class ManifestRecord:
     """One pair group: a subject's reference image, a prompt and the images generated from them.
 
-    ``line`` is the 1-based line number the record was read from (None for records built in memory).
+    ``line`` is the 1-based line number the record was read from (None for records built in memory). A preference
+    record (``kind="preference"``, written as ``winner`` / ``loser``) keeps its winner in ``reference`` and its loser
+    as the only ``generated`` image.
     """
 
     id: str
@@ -142,8 +152,25 @@ class ManifestRecord:
     generated: list[GeneratedImage]
     meta: dict[str, Any] = field(default_factory=dict)
     line: int | None = field(default=None, compare=False)
+    kind: Literal["reference", "preference"] = "reference"
+
+    @classmethod
+    def preference(
+        cls, id: str, prompt: str, winner: str, loser: str, subject: str = "", meta: dict[str, Any] | None = None
+    ) -> ManifestRecord:
+        """A plain preference pair: ``prompt``, the preferred image ``winner`` and the other one ``loser``."""
+        return cls(id, subject, prompt, winner, [GeneratedImage(loser)], dict(meta or {}), None, "preference")
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == "preference":
+            loser = self.generated[0].to_json()
+            pref: dict[str, Any] = {"id": self.id}
+            if self.subject:
+                pref["subject"] = self.subject
+            pref.update(prompt=self.prompt, winner=self.reference, loser=loser if len(loser) > 1 else loser["image"])
+            if self.meta:
+                pref["meta"] = self.meta
+            return pref
         out: dict[str, Any] = {
             "id": self.id,
             "subject": self.subject,
@@ -168,6 +195,8 @@ class ManifestRecord:
         """
         if not isinstance(value, dict):
             raise _FieldError(f"a record must be a JSON object, got {type(value).__name__}")
+        if "winner" in value or "loser" in value:
+            return cls._preference_from_json(value, line)
         missing = [k for k in _REQUIRED_FIELDS if k not in value]
         if missing:
             raise _FieldError(f"missing field(s) {missing}")
@@ -188,6 +217,34 @@ class ManifestRecord:
             raise _FieldError(f"field 'meta' must be an object, got {type(meta).__name__}")
         return cls(value["id"], value["subject"], value["prompt"], value["reference"], generated, meta, line)
 
+    @classmethod
+    def _preference_from_json(cls, value: dict[str, Any], line: int | None) -> ManifestRecord:
+        both = [k for k in ("reference", "generated") if k in value]
+        if both:
+            raise _FieldError(
+                f"a preference record (winner/loser) has no {both}: give either reference + generated, or winner + "
+                "loser"
+            )
+        missing = [k for k in _PREFERENCE_REQUIRED if k not in value]
+        if missing:
+            raise _FieldError(f"missing field(s) {missing} of a preference record (id, prompt, winner, loser)")
+        unknown = sorted(set(value) - set(_PREFERENCE_FIELDS))
+        if unknown:
+            raise _FieldError(f"unknown field(s) {unknown} (a preference record allows: {list(_PREFERENCE_FIELDS)})")
+        for key in ("id", "winner"):
+            if not isinstance(value[key], str) or not value[key]:
+                raise _FieldError(f"field '{key}' must be a non-empty string, got {value[key]!r}")
+        subject = value.get("subject", "")
+        if not isinstance(subject, str):
+            raise _FieldError(f"field 'subject' must be a string, got {subject!r}")
+        if not isinstance(value["prompt"], str):
+            raise _FieldError(f"field 'prompt' must be a string, got {value['prompt']!r}")
+        loser = GeneratedImage.from_json(value["loser"], "loser")
+        meta = value.get("meta", {})
+        if not isinstance(meta, dict):
+            raise _FieldError(f"field 'meta' must be an object, got {type(meta).__name__}")
+        return cls(value["id"], subject, value["prompt"], value["winner"], [loser], meta, line, "preference")
+
 
 @dataclass(frozen=True)
 class ManifestPair:
@@ -202,6 +259,8 @@ class ManifestPair:
     q_ref: Path | None
     q_gen: Path | None
     line: int | None = None
+    #: a plain preference pair (winner / loser): ``reference`` is the winner, not a reference photo of a subject
+    preference: bool = False
 
     @property
     def has_maps(self) -> bool:
@@ -552,9 +611,10 @@ class Manifest:
                     except ValueError as exc:
                         out.append(ManifestProblem(rec.line, rec.id, f"unreadable image: {label}: {exc}"))
 
-                image("reference", rec.reference)
+                pref = rec.kind == "preference"
+                image("winner" if pref else "reference", rec.reference)
                 for k, gen in enumerate(rec.generated):
-                    image(f"generated[{k}].image", gen.image)
+                    image("loser" if pref else f"generated[{k}].image", gen.image)
                     for side in ("q_ref", "q_gen"):
                         rel = getattr(gen, side)
                         if rel is None:
@@ -735,6 +795,7 @@ class Manifest:
                         q_ref=self.resolve(gen.q_ref) if gen.q_ref is not None else None,
                         q_gen=self.resolve(gen.q_gen) if gen.q_gen is not None else None,
                         line=rec.line,
+                        preference=rec.kind == "preference",
                     )
                 )
         return out

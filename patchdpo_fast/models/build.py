@@ -117,8 +117,8 @@ class PatchDPOModels:
         return self.ip_unet.unet
 
     @property
-    def image_proj(self) -> Resampler:
-        """The (policy) resampler."""
+    def image_proj(self) -> Resampler | None:
+        """The (policy) resampler (``None`` without an IP-Adapter)."""
         return self.ip_unet.image_proj
 
     @property
@@ -158,6 +158,11 @@ class PatchDPOModels:
 
     def _encoder(self, name: str) -> torch.nn.Module:
         module = getattr(self, name)
+        if module is None and name == "image_encoder" and not self.ip_unet.has_ip_adapter:
+            raise RuntimeError(
+                "this model has no IP-Adapter and so no image encoder (model.use_ip_adapter=false): it is conditioned "
+                "on text only"
+            )
         if module is None:
             raise RuntimeError(
                 f"the {name} was released (PatchDPOModels.release_encoders: the input cache serves every input); "
@@ -377,6 +382,7 @@ def _pretrained_components(
     variant: str | None,
     vae_path: str | os.PathLike | None,
     prediction_type: str | None = None,
+    use_ip_adapter: bool = True,
 ):
     """Load the frozen components from local folders; the UNet's config decides whether the base model is SDXL-class
     (``text_encoder_2`` / ``tokenizer_2`` loaded too) or SD1.5-class (one text encoder; a second one is ignored)."""
@@ -385,7 +391,9 @@ def _pretrained_components(
 
     root = _require_dir(Path(pretrained_model_path), "base model folder (pretrained_path)")
     _require_dir(root / "unet", "base model subfolder 'unet'")
-    image_dir = _require_dir(Path(image_encoder_path), "CLIP image-encoder folder (image_encoder_path)")
+    image_dir = None
+    if use_ip_adapter:
+        image_dir = _require_dir(Path(image_encoder_path), "CLIP image-encoder folder (image_encoder_path)")
     tf_dtype = _transformers_dtype_kwargs(weight_dtype)
     common = {"local_files_only": True}
 
@@ -415,7 +423,9 @@ def _pretrained_components(
         tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", **common)
     overrides = {"prediction_type": prediction_type} if prediction_type else {}
     scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **overrides, **common)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, **tf_dtype, **common)
+    image_encoder = None
+    if image_dir is not None:
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_dir, **tf_dtype, **common)
     return unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler
 
 
@@ -465,6 +475,7 @@ def build_models(
     train_adapter: bool = True,
     tiny_architecture: str = "sdxl",
     prediction_type: str | None = None,
+    use_ip_adapter: bool = True,
 ) -> PatchDPOModels:
     """Build IP-Adapter-Plus on an SDXL- or SD1.5-class base model for PatchDPO training.
 
@@ -501,6 +512,9 @@ def build_models(
         tiny_architecture: with ``tiny``, ``"sdxl"`` (default) or ``"sd15"`` (see :mod:`~patchdpo_fast.models.tiny`).
         prediction_type: override the noise scheduler's ``prediction_type`` (``"epsilon"`` or ``"v_prediction"``);
             ``None`` keeps the scheduler config's (the training target follows it).
+        use_ip_adapter: ``False`` builds the base model without an IP-Adapter: no resampler, no IP processors, no
+            image encoder (``image_encoder_path`` may be None), text-only conditioning; for training the UNet (or a
+            LoRA on it) on plain preference pairs. Needs ``train_adapter=False`` and no ``ip_adapter_path``.
 
     Raises:
         FileNotFoundError: a given folder or file does not exist (the message names it).
@@ -509,8 +523,10 @@ def build_models(
     if tiny:
         if pretrained_model_path is not None or image_encoder_path is not None or vae_path is not None:
             raise ValueError("tiny=True builds random components; do not pass pretrained_model_path/image_encoder_path")
-    elif pretrained_model_path is None or image_encoder_path is None:
+    elif pretrained_model_path is None or (image_encoder_path is None and use_ip_adapter):
         raise ValueError("pass tiny=True, or both pretrained_model_path and image_encoder_path (local folders)")
+    if not use_ip_adapter and (train_adapter or ip_adapter_path is not None or train_resampler):
+        raise ValueError("use_ip_adapter=False builds no IP-Adapter: pass train_adapter=False and no ip_adapter_path")
     if tiny_architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny_architecture must be one of {TINY_ARCHITECTURES}, got {tiny_architecture!r}")
     if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -529,9 +545,12 @@ def build_models(
             parts += (c["image_encoder"], c["scheduler"])
         else:
             parts = _pretrained_components(
-                pretrained_model_path, image_encoder_path, weight_dtype, variant, vae_path, prediction_type
-            )
+                pretrained_model_path, image_encoder_path, weight_dtype, variant, vae_path, prediction_type,
+                use_ip_adapter,
+            )  # fmt: skip
         unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, scheduler = parts
+        if not use_ip_adapter:
+            image_encoder = None  # text-only conditioning
         _check_text_width(unet, text_encoder, text_encoder_2)
 
         frozen = [m for m in (unet, vae, text_encoder, text_encoder_2, image_encoder) if m is not None]
@@ -545,7 +564,7 @@ def build_models(
             module.requires_grad_(False)
             module.eval()
 
-        embed_dim = int(image_encoder.config.hidden_size)
+        embed_dim = int(image_encoder.config.hidden_size) if image_encoder is not None else 0
         if adapter_groups is not None:
             check_adapter_fits(adapter_groups, unet, ip_adapter_path)
             cfg = resampler_config_from_state_dict(adapter_groups["image_proj"])
@@ -559,7 +578,7 @@ def build_models(
             cfg["dim"] = resampler_dim or cfg["dim"]
             cfg["heads"] = resampler_heads or cfg["heads"]
         torch.manual_seed(seed + 5)
-        resampler = Resampler(**cfg).float()
+        resampler = Resampler(**cfg).float() if use_ip_adapter else None
 
         ip_unet = IPAdapterUNet(
             unet,

@@ -193,7 +193,10 @@ class IPAdapterUNet(nn.Module):
 
     Args:
         unet: a diffusers ``UNet2DConditionModel``; its processors are replaced in place and its weights frozen.
-        resampler: the ``image_proj`` resampler (kept in its own dtype, fp32 recommended).
+        resampler: the ``image_proj`` resampler (kept in its own dtype, fp32 recommended). ``None`` builds the UNet
+            without an IP-Adapter (``model.use_ip_adapter: false``: the text tokens are the only conditioning, every
+            attention layer gets the plain processor; for training the UNet or a LoRA on it on plain preference
+            pairs). ``image_features`` are then ignored and there is no adapter to export or load.
         train_resampler: train the resampler too (and, with ``reference``, keep a frozen reference copy of it).
         train_unet: also train the UNet's own weights (full finetuning, e.g. to pretrain a model from scratch). The
             reference adapter would then run on the *trained* UNet, so it is no DPO reference model: a forward with
@@ -216,7 +219,7 @@ class IPAdapterUNet(nn.Module):
     def __init__(
         self,
         unet: nn.Module,
-        resampler: Resampler,
+        resampler: Resampler | None,
         train_resampler: bool = False,
         attention_backend: str = "sdpa",
         xformers_fallback: bool = True,
@@ -228,7 +231,9 @@ class IPAdapterUNet(nn.Module):
     ) -> None:
         super().__init__()
         cross_dim = unet.config.cross_attention_dim
-        if resampler.config["output_dim"] != cross_dim:
+        if resampler is None and train_adapter:
+            raise ValueError("train_adapter=True needs a resampler (an IP-Adapter to train)")
+        if resampler is not None and resampler.config["output_dim"] != cross_dim:
             raise ValueError(
                 f"resampler output_dim {resampler.config['output_dim']} != UNet cross_attention_dim {cross_dim} (the "
                 f"UNet has {describe_unet(unet)})"
@@ -240,9 +245,9 @@ class IPAdapterUNet(nn.Module):
         self.train_unet = train_unet
         self.train_adapter = bool(train_adapter)
         self.ref_image_proj: Resampler | None = None
-        self._reference = bool(reference)
+        self._reference = bool(reference) and resampler is not None
         self._use_reference = False
-        self._ip_names = cross_attention_processor_names(unet)
+        self._ip_names = cross_attention_processor_names(unet) if resampler is not None else []
         self._added_conditioning = unet_added_conditioning(unet)  # SDXL-class (pooled text + time ids) or SD1.5-class
 
         backend = resolve_backend(attention_backend, xformers_fallback)  # warn / raise once, not per layer
@@ -282,7 +287,16 @@ class IPAdapterUNet(nn.Module):
     @property
     def num_ip_tokens(self) -> int:
         """Number of image-prompt tokens appended to the text tokens."""
-        return self.image_proj.num_queries
+        return 0 if self.image_proj is None else self.image_proj.num_queries
+
+    @property
+    def has_ip_adapter(self) -> bool:
+        """Whether the UNet carries an IP-Adapter (``False``: built with ``resampler=None``)."""
+        return self.image_proj is not None
+
+    def _require_ip_adapter(self, what: str) -> None:
+        if self.image_proj is None:
+            raise RuntimeError(f"{what}: this model has no IP-Adapter (built with model.use_ip_adapter=false)")
 
     def _set_trainable(self) -> None:
         self.unet.requires_grad_(False)
@@ -298,7 +312,8 @@ class IPAdapterUNet(nn.Module):
                     param.requires_grad_(True)
         for _, param in self.unet_lora_parameters():
             param.requires_grad_(True)
-        self.image_proj.requires_grad_(self.train_resampler and self.train_adapter)
+        if self.image_proj is not None:
+            self.image_proj.requires_grad_(self.train_resampler and self.train_adapter)
         if self.train_resampler and self._reference:
             if self.ref_image_proj is None:
                 self.ref_image_proj = copy.deepcopy(self.image_proj)
@@ -513,6 +528,7 @@ class IPAdapterUNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def ip_tokens(self, image_features: torch.Tensor, use_reference: bool = False) -> torch.Tensor:
         """Image-prompt tokens ``(B, num_ip_tokens, cross_attention_dim)`` from CLIP features ``(B, S, D)``."""
+        self._require_ip_adapter("ip_tokens")
         proj = self.ref_image_proj if (use_reference and self.ref_image_proj is not None) else self.image_proj
         return proj(image_features)
 
@@ -561,20 +577,25 @@ class IPAdapterUNet(nn.Module):
                                  "time_ids")  # fmt: skip
             added = {"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
         with grad_ctx, lora_ctx:
-            tokens = self.ip_tokens(image_features, use_reference=ref_adapter)
-            encoder_hidden_states = torch.cat([prompt_embeds.to(dtype), tokens.to(dtype)], dim=1)
+            if self.image_proj is None:  # no IP-Adapter: the text tokens are the whole conditioning
+                encoder_hidden_states, attn_kwargs = prompt_embeds.to(dtype), None
+            else:
+                tokens = self.ip_tokens(image_features, use_reference=ref_adapter)
+                encoder_hidden_states = torch.cat([prompt_embeds.to(dtype), tokens.to(dtype)], dim=1)
+                attn_kwargs = {"use_reference": ref_adapter}
             return self.unet(
                 noisy_latents.to(dtype),
                 timesteps,
                 encoder_hidden_states=encoder_hidden_states,
                 added_cond_kwargs=added,
-                cross_attention_kwargs={"use_reference": ref_adapter},
+                cross_attention_kwargs=attn_kwargs,
                 return_dict=False,
             )[0]
 
     # ------------------------------------------------------------------ state dicts
     def ip_adapter_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The policy adapter as ``(image_proj, ip_adapter)`` groups in the official key layout."""
+        self._require_ip_adapter("ip_adapter_state_dicts")
         image_proj = {k: v.detach() for k, v in self.image_proj.state_dict().items()}
         ip_adapter: dict[str, torch.Tensor] = {}
         for i, proc in enumerate(self.ip_processors.values()):
@@ -607,6 +628,7 @@ class IPAdapterUNet(nn.Module):
             source: a file path or an already read ``{"image_proj": ..., "ip_adapter": ...}`` dict.
             update_reference: also make the frozen reference adapter (if there is one) equal to the loaded weights.
         """
+        self._require_ip_adapter("load_ip_adapter_weights")
         groups = read_ip_adapter_file(source) if isinstance(source, (str, os.PathLike)) else source
         check_adapter_fits(groups, self.unet, source if isinstance(source, (str, os.PathLike)) else "(state dict)")
         image_proj = dict(groups["image_proj"])
@@ -677,6 +699,8 @@ class IPAdapterUNet(nn.Module):
         adapter and is left out (checkpoints record its :meth:`reference_fingerprint`); ``include_reference`` adds
         :meth:`reference_state_dict`'s keys.
         """
+        if self.image_proj is None:  # no IP-Adapter: nothing of it to checkpoint
+            return {}
         out = {f"image_proj.{k}": v.detach() for k, v in self.image_proj.state_dict().items()}
         for i, proc in enumerate(self.ip_processors.values()):
             k = 2 * i + 1

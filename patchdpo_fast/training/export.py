@@ -1,7 +1,7 @@
 """The files a finished run exports, in formats stock diffusers loads, each in its configured dtype.
 
-* ``ip_adapter.safetensors`` – the IP-Adapter (always; ``pipeline.load_ip_adapter``), in ``train.export_dtype``
-  (fp16 by default, like the official files).
+* ``ip_adapter.safetensors`` – the IP-Adapter (unless ``model.use_ip_adapter`` is false;
+  ``pipeline.load_ip_adapter``), in ``train.export_dtype`` (fp16 by default, like the official files).
 * ``unet_lora/pytorch_lora_weights.safetensors`` – the UNet LoRA (``unet_lora`` modes; ``pipeline.load_lora_weights``
   reads the folder), in ``train.export_dtype``.
 * ``unet/`` – the whole UNet as a diffusers model folder, safetensors weights (``unet`` modes;
@@ -66,15 +66,17 @@ def write_unet_lora(ip_unet: Any, folder: str | os.PathLike[str], dtype: torch.d
 
 
 def export_run(cfg: Any, models: Any, mode: Any, out_dir: Path) -> dict[str, Path]:
-    """Write every export of a finished run into ``out_dir``; returns ``{"adapter"|"unet_lora"|"unet": path}``.
+    """Write every export of a finished run into ``out_dir``; returns ``{"adapter"|"unet_lora"|"unet": path}`` (no
+    ``"adapter"`` for a model without an IP-Adapter).
 
     ``mode`` is the run's :class:`~patchdpo_fast.training.trainable.TrainableMode`. Call with the full parameters
     available (inside ``engine.gathered()`` under ZeRO-3), on one rank.
     """
     t_cfg = cfg.train
-    paths = {
-        "adapter": models.export_ip_adapter(out_dir / "ip_adapter.safetensors", dtype=EXPORT_DTYPES[t_cfg.export_dtype])
-    }
+    paths = {}
+    if models.ip_unet.has_ip_adapter:  # model.use_ip_adapter=false: no adapter to export
+        adapter = out_dir / "ip_adapter.safetensors"
+        paths["adapter"] = models.export_ip_adapter(adapter, dtype=EXPORT_DTYPES[t_cfg.export_dtype])
     if mode.unet == "lora":
         paths["unet_lora"] = write_unet_lora(models.ip_unet, out_dir / "unet_lora", EXPORT_DTYPES[t_cfg.export_dtype])
     elif mode.unet == "full":

@@ -193,3 +193,23 @@ def test_sd15_folder_builds_like_the_tiny_model(tmp_path, batch_factory) -> None
     v = build_models(pretrained_model_path=tmp_path / "m", image_encoder_path=tmp_path / "img",
                      prediction_type="v_prediction")  # fmt: skip
     assert v.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_no_adapter_model_is_the_plain_base_unet(batch_factory) -> None:
+    """use_ip_adapter=False: every attention layer is plain and the prediction is the stock UNet's on text alone."""
+    from patchdpo_fast.models.tiny import build_tiny_components
+
+    models = build_models(tiny=True, seed=0, tiny_architecture="sd15", use_ip_adapter=False, train_adapter=False)
+    assert models.image_encoder is None and models.image_proj is None and not models.ip_unet.ip_processors
+    assert models.adapter_state_dict() == {} and models.num_ip_tokens == 0
+    with pytest.raises(RuntimeError, match="no IP-Adapter"):
+        models.export_ip_adapter("x.safetensors")
+    with pytest.raises(RuntimeError, match="no IP-Adapter and so no image encoder"):
+        models.null_image_features()
+    stock = build_tiny_components(0, "sd15")["unet"]
+    with_adapter = build_models(tiny=True, seed=0, tiny_architecture="sd15")
+    batch = batch_factory(with_adapter)
+    with torch.no_grad():
+        ours = models.predict_noise(batch.noisy_latents, batch.timesteps, batch.prompt_embeds, None, None, None)
+        theirs = stock(batch.noisy_latents, batch.timesteps, encoder_hidden_states=batch.prompt_embeds).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
