@@ -86,7 +86,7 @@ def _step_args(models, n: int, resolution: int, device: torch.device, dtype: tor
 
 
 def run_case(name: str, overrides: list[str], device: torch.device, dry: bool, tmp: Path) -> dict[str, Any]:
-    import patchdpo_fast.train as train_mod
+    from patchdpo_fast.training.build import build_engine
     from patchdpo_fast.training.distributed import DistEnv
     from patchdpo_fast.training.memory import estimate_memory, tensor_bytes
     from patchdpo_fast.training.trainable import setup_trainable
@@ -105,7 +105,7 @@ def run_case(name: str, overrides: list[str], device: torch.device, dry: bool, t
     t0 = time.perf_counter()
     models = _real_models(cfg, device)
     trainable = setup_trainable(cfg, models)
-    engine = train_mod._build_engine(cfg, models, DistEnv(0, 0, 1, device, None), trainable)
+    engine = build_engine(cfg, models, DistEnv(0, 0, 1, device, None), trainable)
     ip_unet = models.ip_unet
     feature_dtype = getattr(torch, cfg.cache.dtype) if cfg.cache.enabled else models.weight_dtype
     args = _step_args(models, 2 * cfg.data.pairs_per_batch, cfg.data.resolution, device, feature_dtype)

@@ -21,8 +21,8 @@ Recipes (``RECIPES``):
   so the official recipes never get one (the baseline's memory is not inflated).
 * ``official+fp16w`` – the same with the UNet weights cast to fp16 and cuDNN defaults: a stronger baseline
   (what the brief of the benchmark described); CUDA only.
-* ``ours`` and variants – the trainer's own step (``patchdpo_fast.train``: ``_Inputs`` reading the input cache,
-  ``draw_pair_noise``, ``_forward_loss`` with the fused ``patch_weighted_mse``, ``PlainEngine`` with the SDXL
+* ``ours`` and variants – the trainer's own step (``patchdpo_fast.training``: ``ModelInputs`` reading the input cache,
+  ``draw_pair_noise``, ``forward_loss`` with the fused ``patch_weighted_mse``, ``PlainEngine`` with the SDXL
   recipe's AdamW and grad-norm clipping) with the bf16 frozen UNet and encoders, SDPA attention, inputs read from
   a real input cache built once before the timed loop; ``+ckpt`` adds gradient checkpointing, ``+8bit``
   bitsandbytes AdamW8bit.
@@ -276,8 +276,9 @@ def _load_cfg(scale: str, tmp: Path, pairs: int, loss_backend: str) -> Any:
 def build_context(device: torch.device, plan: Plan, tmp: Path, loss_backend: str = "auto") -> Context:
     """Config, shared models and the official recipe's pre-collated raw batches."""
     from patchdpo_fast.data import build_pair_dataset
-    from patchdpo_fast.train import _build_models, _collate
+    from patchdpo_fast.training.build import build_models as _build_models
     from patchdpo_fast.training.distributed import DistEnv
+    from patchdpo_fast.training.inputs import collate as _collate
 
     cfg = _load_cfg(plan.scale, tmp, plan.pairs, loss_backend)
     env = DistEnv(0, 0, 1, device, None)
@@ -322,7 +323,8 @@ def _ensure_cache(ctx: Context, models: Any) -> None:
     """Build the input cache once, with the library's own code and the recipe's encoders (outside the timed loop)."""
     if ctx.cache_batches is not None:
         return
-    from patchdpo_fast.train import _build_data, _collate
+    from patchdpo_fast.training.inputs import build_data as _build_data
+    from patchdpo_fast.training.inputs import collate as _collate
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -437,10 +439,11 @@ class OfficialStep:
 
 
 class OursStep:
-    """One optimizer step exactly as ``patchdpo_fast.train`` runs it (single process, no DeepSpeed)."""
+    """One optimizer step exactly as ``patchdpo_fast.training.Trainer`` runs it (single process, no DeepSpeed)."""
 
     def __init__(self, ctx: Context, recipe: Recipe, models: Any) -> None:
-        from patchdpo_fast.train import _build_engine, _Inputs
+        from patchdpo_fast.training.build import build_engine as _build_engine
+        from patchdpo_fast.training.inputs import ModelInputs as _Inputs
 
         overrides = {"optimizer": recipe.optimizer}
         self.cfg = ctx.cfg.model_copy(
@@ -456,8 +459,8 @@ class OursStep:
         self.skipped = 0
 
     def __call__(self, batch: dict[str, Any], step: int) -> tuple[float, float]:
-        from patchdpo_fast.train import _forward_loss
         from patchdpo_fast.training.batch import draw_pair_noise
+        from patchdpo_fast.training.step import forward_loss as _forward_loss
 
         cfg, dev = self.cfg, self.ctx.device
         t0 = time.perf_counter()

@@ -192,8 +192,8 @@ def notes(r: dict[str, Any]) -> list[str]:
         "workers, so they are done before the timed loop. No DPO reference copy of the adapter (the official code "
         "has none, and the library builds one only for the DPO losses).",
         "- **official+fp16w**: the same with the UNet weights in fp16 and cuDNN defaults — a stronger baseline.",
-        "- **ours**: the library's own step (`patchdpo_fast.train`: `_Inputs` over a real input cache built once "
-        "before the timing, `draw_pair_noise`, `_forward_loss` with the fused `patch_weighted_mse`, `PlainEngine` "
+        "- **ours**: the library's own step (`patchdpo_fast.training`: `ModelInputs` over a real input cache built "
+        "once before the timing, `draw_pair_noise`, `forward_loss` with the fused `patch_weighted_mse`, `PlainEngine` "
         "with AdamW and grad-norm clipping 1.0 from `configs/sdxl_ipadapter_plus.yaml`), bf16 frozen UNet and "
         "encoders, SDPA attention. The encoders and the VAE stay resident on the GPU (shared with the official "
         "recipes; the trainer itself releases them once the input cache is built). "

@@ -20,7 +20,7 @@ __all__ = ["COMMANDS", "USER_ERRORS", "describe_user_error", "is_user_error", "m
 
 #: command -> (module with a ``main(argv)`` function, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("patchdpo_fast.train", "train IP-Adapter-Plus with PatchDPO (see configs/)"),
+    "train": ("patchdpo_fast.train", "train with PatchDPO / Diffusion-DPO: IP-Adapter, UNet LoRA or UNet (configs/)"),
     "estimate-memory": (
         "patchdpo_fast.training.memory",
         "per-GPU memory plan of a config (--world-size, --zero-stage, --offload), built on meta",

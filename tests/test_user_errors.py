@@ -84,24 +84,25 @@ def test_output_dir_that_is_a_file_and_resume_of_a_non_checkpoint(tmp_path, caps
 
 
 def test_disk_full_and_nan_abort(tmp_path, capsys, monkeypatch):
-    import patchdpo_fast.train as train_mod
+    import patchdpo_fast.training.step as step_mod
+    import patchdpo_fast.training.trainer as trainer_mod
 
     def full(obj, stem):
         raise OSError(errno.ENOSPC, "No space left on device", str(stem))
 
-    monkeypatch.setattr(train_mod, "save_state", full)
+    monkeypatch.setattr(trainer_mod, "save_state", full)
     assert cli(train_args(tmp_path)) == 2
     err = one_line_error(capsys, "train")
     assert "No space left on device" in err and "trainer" in err
     monkeypatch.undo()
 
-    real = train_mod.compute_loss
+    real = step_mod.compute_loss
 
     def nan_loss(*args, **kwargs):
         out = real(*args, **kwargs)
         return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
 
-    monkeypatch.setattr(train_mod, "compute_loss", nan_loss)
+    monkeypatch.setattr(step_mod, "compute_loss", nan_loss)
     assert cli(train_args(tmp_path, "train.nan_policy=error", "train.output_dir=" + str(tmp_path / "nan"))) == 2
     assert "nan_policy=error" in one_line_error(capsys, "train")
 

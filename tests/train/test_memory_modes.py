@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-import patchdpo_fast.train as train_mod
 from patchdpo_fast.cli import main as cli_main
 from patchdpo_fast.config import load_config
+from patchdpo_fast.training.build import build_engine, build_models
 from patchdpo_fast.training.distributed import setup_distributed
 from patchdpo_fast.training.memory import (
     Parallelism,
@@ -44,9 +44,9 @@ def _cfg(*overrides: str):
 def _real_step(cfg):
     """Build the trainer's real tiny models for ``cfg``, run one optimizer step, and measure what is held."""
     env = setup_distributed(False)
-    models = train_mod._build_models(cfg, env)
+    models = build_models(cfg, env)
     trainable = setup_trainable(cfg, models)
-    engine = train_mod._build_engine(cfg, models, env, trainable)
+    engine = build_engine(cfg, models, env, trainable)
     ip_unet = models.ip_unet
     n, unet_cfg, enc = 2, models.unet.config, models.image_encoder.config
     g = torch.Generator().manual_seed(0)
@@ -262,7 +262,7 @@ def test_cli_prints_the_plan(capsys):
 def test_startup_plan_is_logged(caplog):
     cfg = _cfg("model.trainable=unet_lora")
     env = setup_distributed(False)
-    models = train_mod._build_models(cfg, env)
+    models = build_models(cfg, env)
     trainable = setup_trainable(cfg, models)
     with caplog.at_level(logging.INFO, logger="patchdpo_fast.train"):
         log_startup_plan(cfg, models, 1, trainable.reference)

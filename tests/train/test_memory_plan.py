@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-import patchdpo_fast.train as train_mod
 from patchdpo_fast.config import load_config
+from patchdpo_fast.training.build import build_engine, build_models
 from patchdpo_fast.training.distributed import setup_distributed
 from patchdpo_fast.training.memory import GIB, AllocationTracker, compare_markdown, estimate_memory, tensor_bytes
 
@@ -71,7 +71,7 @@ def test_plan_matches_a_tiny_cpu_training_step(loss, optimizer, checkpointing):
                              f"data.pairs_per_batch={pairs}"], check_paths=False)  # fmt: skip
     plan = estimate_memory(cfg)  # on the meta device: no weights, no memory
     env = setup_distributed(False)
-    models = train_mod._build_models(cfg, env)  # the trainer's real CPU model
+    models = build_models(cfg, env)  # the trainer's real CPU model
     ip_unet = models.ip_unet
 
     # weights: the meta accounting equals the real tensors
@@ -87,7 +87,7 @@ def test_plan_matches_a_tiny_cpu_training_step(loss, optimizer, checkpointing):
     assert not plan["encoders"].resident  # released once the cache is built
 
     # activations: what the C allocator holds after a real policy forward, against the meta count
-    engine = train_mod._build_engine(cfg, models, env)
+    engine = build_engine(cfg, models, env)
     args = _inputs(models, pairs, resolution)
     warm = engine.forward(*args)  # warm-up (lazily created buffers)
     del warm

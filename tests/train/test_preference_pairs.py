@@ -77,26 +77,28 @@ def test_preference_records_read_validate_and_round_trip(tmp_path) -> None:
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_unet_lora_loss_falls_on_a_fixed_batch_of_preference_pairs(tmp_path, arch) -> None:
-    import patchdpo_fast.train as train_mod
     from patchdpo_fast.data import build_pair_dataset
     from patchdpo_fast.training.batch import draw_pair_noise
+    from patchdpo_fast.training.build import build_engine, build_models
     from patchdpo_fast.training.distributed import DistEnv
+    from patchdpo_fast.training.inputs import ModelInputs, collate
+    from patchdpo_fast.training.step import forward_loss
     from patchdpo_fast.training.trainable import setup_trainable
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
     cfg = _cfg(tmp_path, preference_manifest(tmp_path, n=2), f"model.tiny_architecture={arch}", "cache.enabled=false",
                "data.drop_image=0", "data.drop_text=0", "data.drop_both=0")  # fmt: skip
     torch.manual_seed(0)
-    models = train_mod._build_models(cfg, env)
-    engine = train_mod._build_engine(cfg, models, env, setup_trainable(cfg, models))
-    inputs = train_mod._Inputs(cfg, models, env, None)
+    models = build_models(cfg, env)
+    engine = build_engine(cfg, models, env, setup_trainable(cfg, models))
+    inputs = ModelInputs(cfg, models, env, None)
     dataset = build_pair_dataset(cfg.data, needs_quality=False)
-    x = inputs(train_mod._collate([dataset[0], dataset[1]]), 0)
+    x = inputs(collate([dataset[0], dataset[1]]), 0)
     assert x["feats"] is None  # text-only conditioning
     rnd = draw_pair_noise(0, 0, [0, 1], tuple(x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
 
     def loss(train: bool = False):
-        return train_mod._forward_loss(cfg, models, engine, inputs, x, rnd, train=train)
+        return forward_loss(cfg, models, engine, inputs, x, rnd, train=train)
 
     start = float(loss().loss)
     assert start == pytest.approx(0.6931471805599453, abs=1e-6)  # the LoRA starts at zero: policy == reference

@@ -14,12 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import patchdpo_fast.train as train_mod
 from patchdpo_fast.config import load_config
 from patchdpo_fast.errors import UserError
 from patchdpo_fast.models import build_models
 from patchdpo_fast.train import train
+from patchdpo_fast.training.build import build_models as build_run_models
+from patchdpo_fast.training.build import reference_record
 from patchdpo_fast.training.distributed import setup_distributed
+from patchdpo_fast.training.inputs import ModelInputs, build_data, collate
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -50,14 +52,14 @@ def _metadata(path: Path) -> dict:
 def test_reference_adapter_only_for_dpo_losses(tmp_path, loss, train_resampler):
     cfg = tiny_cfg(tmp_path, f"loss.type={loss}", f"model.train_resampler={str(train_resampler).lower()}")
     env = setup_distributed(False)
-    models = train_mod._build_models(cfg, env)
+    models = build_run_models(cfg, env)
     n_ref = sum(p.numel() for n, p in models.ip_unet.named_parameters() if ".ref_" in n or n.startswith("ref_"))
     n_trainable = sum(p.numel() for p in models.trainable_parameters())
     if cfg.loss.uses_reference_model:
         assert n_ref == n_trainable > 0  # exactly one frozen copy of what trains
     else:
         assert n_ref == 0, f"{loss} never reads the reference, yet {n_ref} reference parameters were allocated"
-        assert train_mod._reference_record(cfg, models) is None
+        assert reference_record(cfg, models) is None
 
 
 @pytest.mark.parametrize("loss", ["patch_weighted_mse", "patch_dpo"])
@@ -119,11 +121,11 @@ def test_encoders_released_once_the_cache_serves_every_input_on_the_cpu(tmp_path
     cfg = tiny_cfg(tmp_path)
     env = setup_distributed(False)
     assert env.device.type == "cpu"
-    models = train_mod._build_models(cfg, env)
+    models = build_run_models(cfg, env)
     encoders = [models.vae, models.text_encoder, models.text_encoder_2, models.image_encoder]
     refs = [weakref.ref(m) for m in encoders]
     del encoders
-    dataset, cached = train_mod._build_data(cfg, models, env)
+    dataset, cached = build_data(cfg, models, env)
     gc.collect()
     assert cached is not None and len(dataset) == 4
     assert [r() for r in refs] == [None] * 4, "the VAE and the encoders are still alive after the cache was built"
@@ -131,11 +133,11 @@ def test_encoders_released_once_the_cache_serves_every_input_on_the_cpu(tmp_path
     with pytest.raises(RuntimeError, match="released"):
         models.encode_prompts(["a"])
     # training from the cache does not need them
-    inputs = train_mod._Inputs(cfg, models, env, cached)
-    assert inputs(train_mod._collate([dataset[0], dataset[1]]), 0)["lat_ref"].shape[0] == 2
+    inputs = ModelInputs(cfg, models, env, cached)
+    assert inputs(collate([dataset[0], dataset[1]]), 0)["lat_ref"].shape[0] == 2
 
     # without a cache the encoders run every step and stay
     raw_cfg = tiny_cfg(tmp_path, "cache.enabled=false")
-    kept = train_mod._build_models(raw_cfg, env)
-    train_mod._build_data(raw_cfg, kept, env)
+    kept = build_run_models(raw_cfg, env)
+    build_data(raw_cfg, kept, env)
     assert kept.vae is not None and not kept.encoders_released

@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import patchdpo_fast.train as train_mod
+import patchdpo_fast.training.step as step_mod
 from patchdpo_fast.config import load_config
 from patchdpo_fast.data import build_pair_dataset
 from patchdpo_fast.train import train
 from patchdpo_fast.training.batch import draw_pair_noise
+from patchdpo_fast.training.build import build_engine, build_models
 from patchdpo_fast.training.distributed import DistEnv
+from patchdpo_fast.training.inputs import ModelInputs, collate
+from patchdpo_fast.training.step import forward_loss
 from patchdpo_fast.training.trainable import setup_trainable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,16 +37,16 @@ class FixedBatch:
     def __init__(self, cfg) -> None:
         torch.manual_seed(0)
         self.cfg = cfg
-        self.models = train_mod._build_models(cfg, ENV)
+        self.models = build_models(cfg, ENV)
         self.setup = setup_trainable(cfg, self.models)
-        self.engine = train_mod._build_engine(cfg, self.models, ENV, self.setup)
-        self.inputs = train_mod._Inputs(cfg, self.models, ENV, None)
+        self.engine = build_engine(cfg, self.models, ENV, self.setup)
+        self.inputs = ModelInputs(cfg, self.models, ENV, None)
         dataset = build_pair_dataset(cfg.data, needs_quality=True)
-        self.x = self.inputs(train_mod._collate([dataset[0], dataset[1]]), 0)
+        self.x = self.inputs(collate([dataset[0], dataset[1]]), 0)
         self.rnd = draw_pair_noise(0, 0, [0, 1], tuple(self.x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
 
     def loss(self, train: bool = False):
-        return train_mod._forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
+        return forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
 
     def step(self, n: int = 1) -> None:
         for _ in range(n):
@@ -107,13 +110,13 @@ def test_sd15_run_with_the_input_cache_trains_and_exports_for_stock_diffusers(tm
 def test_v_prediction_trains_against_the_velocity(arch, monkeypatch):
     """model.prediction_type=v_prediction: the target is the scheduler's velocity, not the noise; the loss falls."""
     seen = []
-    real = train_mod.compute_loss
+    real = step_mod.compute_loss
 
     def spy(loss_type, pred, target, *args, **kwargs):
         seen.append(target)
         return real(loss_type, pred, target, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "compute_loss", spy)
+    monkeypatch.setattr(step_mod, "compute_loss", spy)
     runs = {}
     for kind in ("epsilon", "v_prediction"):
         run = FixedBatch(_cfg(f"model.tiny_architecture={arch}", f"model.prediction_type={kind}", "loss.type=mse",

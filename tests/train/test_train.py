@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import patchdpo_fast.train as train_mod
+import patchdpo_fast.training.step as step_mod
+import patchdpo_fast.training.trainer as trainer_mod
 from patchdpo_fast.config import load_config
 from patchdpo_fast.train import train
 
@@ -128,7 +130,7 @@ def test_uncached_training_runs_the_encoders_each_step(tmp_path):
 
 
 def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch, caplog):
-    real = train_mod.compute_loss
+    real = step_mod.compute_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -138,7 +140,7 @@ def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch, caplog):
             return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
         return out
 
-    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    monkeypatch.setattr(step_mod, "compute_loss", flaky)
     result = train(tiny_cfg(tmp_path, "train.max_steps=6"))
     assert result.nan_skips == 2
     assert "non-finite loss, step skipped" in caplog.text
@@ -149,13 +151,13 @@ def test_nan_loss_is_skipped_counted_and_logged(tmp_path, monkeypatch, caplog):
 
 
 def test_nan_policy_error_and_skip_limit(tmp_path, monkeypatch):
-    real = train_mod.compute_loss
+    real = step_mod.compute_loss
 
     def always_nan(*args, **kwargs):
         out = real(*args, **kwargs)
         return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
 
-    monkeypatch.setattr(train_mod, "compute_loss", always_nan)
+    monkeypatch.setattr(step_mod, "compute_loss", always_nan)
     with pytest.raises(FloatingPointError, match="nan_policy=error"):
         train(tiny_cfg(tmp_path, "train.nan_policy=error", name="err"))
     with pytest.raises(FloatingPointError, match="max_nan_skips=1"):
@@ -164,14 +166,14 @@ def test_nan_policy_error_and_skip_limit(tmp_path, monkeypatch):
 
 def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3")
-    real_dump = train_mod.dump_config
+    real_dump = trainer_mod.dump_config
 
     def crash_on_second_checkpoint(cfg_, path=None):
         if path is not None and str(path).endswith("step_00000006.tmp/config.yaml"):
             raise KeyboardInterrupt("simulated kill during checkpoint write")
         return real_dump(cfg_, path)
 
-    monkeypatch.setattr(train_mod, "dump_config", crash_on_second_checkpoint)
+    monkeypatch.setattr(trainer_mod, "dump_config", crash_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     root = tmp_path / "run" / "checkpoints"
@@ -179,7 +181,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatc
 
     assert find_checkpoint(tmp_path / "run", "latest") == root / "step_00000003"
     assert (root / "latest").read_text().strip() == "step_00000003"
-    monkeypatch.setattr(train_mod, "dump_config", real_dump)
+    monkeypatch.setattr(trainer_mod, "dump_config", real_dump)
     resumed = train(cfg, resume="latest")  # the half-written step-6 directory is ignored and replaced
     assert resumed.final_step == 6 and not (root / "step_00000006.tmp").exists()
 

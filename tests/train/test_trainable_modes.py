@@ -13,13 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import patchdpo_fast.train as train_mod
 from patchdpo_fast.config import ConfigError, load_config
 from patchdpo_fast.data import build_pair_dataset
 from patchdpo_fast.train import train
 from patchdpo_fast.training.batch import draw_pair_noise
+from patchdpo_fast.training.build import build_engine, build_models
 from patchdpo_fast.training.distributed import DistEnv
+from patchdpo_fast.training.inputs import ModelInputs, collate
 from patchdpo_fast.training.resume import ResumeConfigError
+from patchdpo_fast.training.step import forward_loss
 from patchdpo_fast.training.trainable import setup_trainable
 
 pytest.importorskip("peft")
@@ -51,16 +53,16 @@ class FixedBatch:
     def __init__(self, cfg) -> None:
         torch.manual_seed(0)
         self.cfg = cfg
-        self.models = train_mod._build_models(cfg, ENV)
+        self.models = build_models(cfg, ENV)
         self.setup = setup_trainable(cfg, self.models)
-        self.engine = train_mod._build_engine(cfg, self.models, ENV, self.setup)
-        self.inputs = train_mod._Inputs(cfg, self.models, ENV, None)
+        self.engine = build_engine(cfg, self.models, ENV, self.setup)
+        self.inputs = ModelInputs(cfg, self.models, ENV, None)
         dataset = build_pair_dataset(cfg.data, needs_quality=True)
-        self.x = self.inputs(train_mod._collate([dataset[0], dataset[1]]), 0)
+        self.x = self.inputs(collate([dataset[0], dataset[1]]), 0)
         self.rnd = draw_pair_noise(0, 0, [0, 1], tuple(self.x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
 
     def loss(self, train: bool = False):
-        return train_mod._forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
+        return forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
 
     def step(self, n: int = 1) -> None:
         for _ in range(n):

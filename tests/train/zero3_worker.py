@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-import patchdpo_fast.train as train_mod
 from patchdpo_fast.config import load_config
 from patchdpo_fast.data import build_pair_dataset
 from patchdpo_fast.training.batch import draw_pair_noise
+from patchdpo_fast.training.build import build_engine, build_models
 from patchdpo_fast.training.distributed import setup_distributed
+from patchdpo_fast.training.inputs import ModelInputs, collate
+from patchdpo_fast.training.step import forward_loss
 from patchdpo_fast.training.trainable import setup_trainable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,13 +57,13 @@ def run_mode(mode: str, ds_json: str, env: Any) -> dict[str, Any]:
         "data.drop_text=0", "data.drop_both=0", "loss.type=patch_dpo", "loss.beta=1000", "optim.lr=1e-3",
     ], check_paths=False)  # fmt: skip
     torch.manual_seed(0)
-    models = train_mod._build_models(cfg, env)
+    models = build_models(cfg, env)
     setup = setup_trainable(cfg, models)
-    engine = train_mod._build_engine(cfg, models, env, setup)
-    inputs = train_mod._Inputs(cfg, models, env, None)
+    engine = build_engine(cfg, models, env, setup)
+    inputs = ModelInputs(cfg, models, env, None)
     dataset = build_pair_dataset(cfg.data, needs_quality=True)
     index = env.rank  # each rank its own pair: micro-batch 1
-    x = inputs(train_mod._collate([dataset[index]]), 0)
+    x = inputs(collate([dataset[index]]), 0)
     rnd = draw_pair_noise(0, 0, [index], tuple(x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
 
     sched = models.noise_scheduler
@@ -74,13 +76,13 @@ def run_mode(mode: str, ds_json: str, env: Any) -> dict[str, Any]:
         with torch.no_grad():
             return engine.module(*args, use_reference=False)
 
-    out0 = train_mod._forward_loss(cfg, models, engine, inputs, x, rnd, train=False)
+    out0 = forward_loss(cfg, models, engine, inputs, x, rnd, train=False)
     pred0, ref0 = policy(), engine.reference_forward(*args)
     reference = engine.reference.module if engine.reference is not None else None
     ref_before = _gathered_copy(reference) if reference is not None else None
     losses = []
     for _ in range(3):
-        out = train_mod._forward_loss(cfg, models, engine, inputs, x, rnd, train=True)
+        out = forward_loss(cfg, models, engine, inputs, x, rnd, train=True)
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss))
