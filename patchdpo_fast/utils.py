@@ -30,6 +30,7 @@ __all__ = [
     "parse_shard",
     "resolve_device",
     "set_default_permissions",
+    "tensors_sha256",
     "write_safetensors",
 ]
 
@@ -242,3 +243,21 @@ def write_safetensors(
                 del raw, data
 
     return atomic_write(path, write)
+
+
+def tensors_sha256(named: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``named``'s tensors, in name order.
+
+    Tensors on an accelerator are brought to the host one at a time, so the cost is one tensor of host memory.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named.items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype!s}|{tuple(data.shape)}|".encode())
+        if data.numel():
+            raw = (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
+            digest.update(memoryview(raw))
+        del data
+    return digest.hexdigest()

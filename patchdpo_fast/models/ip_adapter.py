@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from patchdpo_fast.utils import write_safetensors
+from patchdpo_fast.utils import tensors_sha256, write_safetensors
 
 from .attention import AttnProcessor, IPAttnProcessor, resolve_backend
 from .resampler import Resampler, resampler_config_from_state_dict
@@ -489,15 +489,7 @@ class IPAdapterUNet(nn.Module):
         """
         if not self._reference:
             return None
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.reference_state_dict().items()):
-            data = tensor.to("cpu").contiguous()
-            digest.update(f"{name}|{data.dtype!s}|{tuple(data.shape)}|".encode())
-            if data.numel():
-                raw = (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
-                digest.update(memoryview(raw))
-            del data
-        return digest.hexdigest()
+        return tensors_sha256(self.reference_state_dict())
 
     @torch.no_grad()
     def sync_reference(self) -> None:

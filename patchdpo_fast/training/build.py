@@ -46,16 +46,15 @@ def build_models(cfg: TrainConfig, env: DistEnv) -> Any:
     )
 
 
-def reference_record(cfg: TrainConfig, models: Any) -> dict[str, Any] | None:
-    """What the DPO reference adapter is, for checkpoints: the initial adapter, where it came from and its SHA-256.
+def reference_record(cfg: TrainConfig, models: Any, trainable: TrainableSetup | None = None) -> dict[str, Any] | None:
+    """What the DPO reference is, for checkpoints: the run's initial adapter (``kind: initial adapter``) or, for full
+    UNet finetuning, the frozen copy of the initial UNet and adapter (``kind: initial UNet``); where it came from and
+    its SHA-256.
 
     The reference never changes during a run, so checkpoints store this record instead of its weights; a resumed run
-    rebuilds the same initial adapter from its configuration and :func:`check_reference` compares the hashes.
-    ``None`` when the loss needs no reference.
+    rebuilds the same reference from its configuration and :func:`check_reference` compares the hashes. ``None``
+    when the loss needs no reference. Call it before the engine exists (ZeRO-3 partitions the weights).
     """
-    sha256 = models.ip_unet.reference_fingerprint()
-    if sha256 is None:
-        return None
     m = cfg.model
     origin: dict[str, Any] = {"ip_adapter_path": str(m.ip_adapter_path) if m.ip_adapter_path else None,
                               "train_resampler": m.train_resampler, "num_ip_tokens": m.num_ip_tokens}  # fmt: skip
@@ -63,6 +62,13 @@ def reference_record(cfg: TrainConfig, models: Any) -> dict[str, Any] | None:
         origin.update(tiny=True, tiny_seed=m.tiny_seed)
     else:
         origin.update(pretrained_path=str(m.pretrained_path))
+    unet_sha256 = trainable.reference_fingerprint() if trainable is not None else None
+    if unet_sha256 is not None:
+        origin.update(reference_dtype=str(next(trainable.reference.parameters()).dtype).removeprefix("torch."))
+        return {"kind": "initial UNet", "sha256": unet_sha256, "origin": origin}
+    sha256 = models.ip_unet.reference_fingerprint()
+    if sha256 is None:
+        return None
     return {"kind": "initial adapter", "sha256": sha256, "origin": origin}
 
 
@@ -70,11 +76,14 @@ def check_reference(path: Path, stored: dict[str, Any] | None, current: dict[str
     """Refuse to resume a DPO run against another reference adapter than the one its checkpoint was trained with."""
     if stored is None or current is None or stored.get("sha256") == current["sha256"]:
         return
+    def label(record: dict[str, Any]) -> str:
+        return "reference UNet" if record.get("kind") == "initial UNet" else "reference adapter"
+
     raise UserError(
-        f"checkpoint {path} was trained against the reference adapter {stored['sha256'][:16]}... built from "
-        f"{stored.get('origin')}, but this configuration builds the reference {current['sha256'][:16]}... from "
-        f"{current['origin']}. The DPO reference is the run's initial adapter and is not stored in checkpoints: "
-        "resume with the model settings and the unchanged weight files that started the run"
+        f"checkpoint {path} was trained against the {label(stored)} {stored['sha256'][:16]}... built from "
+        f"{stored.get('origin')}, but this configuration builds the {label(current)} {current['sha256'][:16]}... from "
+        f"{current['origin']}. The DPO reference is the run's {current.get('kind', 'initial adapter')} and is not "
+        "stored in checkpoints: resume with the model settings and the unchanged weight files that started the run"
     )
 
 

@@ -130,6 +130,16 @@ class TrainableSetup:
         self.reference = engine.module
         return engine
 
+    def reference_fingerprint(self) -> str | None:
+        """SHA-256 of the separate frozen reference model (the initial UNet and adapter in the reference dtype), or
+        None without one. Checkpoints record it; a resumed run rebuilds the reference and must get the same hash.
+        Call it before :meth:`wrap_reference` (ZeRO-3 partitions the reference there)."""
+        if self.reference is None:
+            return None
+        from patchdpo_fast.utils import tensors_sha256
+
+        return tensors_sha256(self.reference.state_dict())
+
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_tensors(self, ip_unet: Any) -> dict[str, dict[str, torch.Tensor]]:
         """The UNet-side weight files a checkpoint keeps (file name -> tensors; detached, not copied)."""

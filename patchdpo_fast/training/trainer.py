@@ -149,7 +149,7 @@ class Trainer:
         self.trainable: TrainableSetup = setup_trainable(cfg, models)
         if env.is_main:  # counted from the real models' tensors; activations on a meta twin (nothing allocated)
             log_startup_plan(cfg, models, env.world_size, self.trainable.reference)
-        self.reference = reference_record(cfg, models)  # hashed before DeepSpeed casts or partitions anything
+        self.reference = reference_record(cfg, models, self.trainable)  # before DeepSpeed casts or partitions
         if ckpt_path is not None:  # adapter weights go in before DeepSpeed partitions them
             with reading_checkpoint(ckpt_path):
                 self.reference = self._load_checkpoint_weights(ckpt_path)
@@ -482,6 +482,8 @@ class Trainer:
             stored = json.loads((handle.metadata() or {}).get("reference", "null"))
         check_reference(path, stored, reference)
         self.trainable.load_checkpoint(path, models.ip_unet)
-        if models.load_adapter_state_dict(load_file(str(file))):  # an older checkpoint that stored the reference
-            return None if reference is None else {**reference, "sha256": models.ip_unet.reference_fingerprint()}
+        stored_reference = models.load_adapter_state_dict(load_file(str(file)))
+        if stored_reference and reference is not None and reference["kind"] == "initial adapter":
+            # an older checkpoint that stored the reference adapter: it was loaded into the reference
+            return {**reference, "sha256": models.ip_unet.reference_fingerprint()}
         return reference

@@ -117,6 +117,35 @@ def test_resume_refuses_another_reference(tmp_path):
     assert train(tiny_cfg(tmp_path, *opts, "train.max_steps=3"), resume="latest").final_step == 3
 
 
+def test_full_unet_resume_refuses_another_reference_unet(tmp_path, monkeypatch):
+    """Full UNet finetuning with a DPO loss records the frozen reference UNet's hash; a resumed run whose rebuilt
+    reference differs (e.g. the pretrained folder changed) is refused, the same one resumes."""
+    import patchdpo_fast.training.trainer as trainer_mod
+
+    opts = ["model.trainable=unet", "loss.type=patch_dpo", "loss.beta=1000", "train.max_steps=2",
+            "train.checkpoint_every=1"]  # fmt: skip
+    first = train(tiny_cfg(tmp_path, *opts))
+    record = json.loads(_metadata(first.last_checkpoint / "adapter.safetensors")["reference"])
+    assert record["kind"] == "initial UNet" and record["origin"]["reference_dtype"] == "float32"
+
+    real_setup = trainer_mod.setup_trainable
+    seen = []
+
+    def changed_reference(cfg, models):
+        setup = real_setup(cfg, models)
+        seen.append(setup.reference_fingerprint())
+        with torch.no_grad():
+            next(setup.reference.parameters()).add_(1e-3)  # another initial UNet than the run's
+        return setup
+
+    monkeypatch.setattr(trainer_mod, "setup_trainable", changed_reference)
+    with pytest.raises(UserError, match="reference UNet"):
+        train(tiny_cfg(tmp_path, *opts, "train.max_steps=3"), resume="latest")
+    assert seen == [record["sha256"]]  # the same configuration rebuilds the recorded reference
+    monkeypatch.setattr(trainer_mod, "setup_trainable", real_setup)
+    assert train(tiny_cfg(tmp_path, *opts, "train.max_steps=3"), resume="latest").final_step == 3
+
+
 def test_encoders_released_once_the_cache_serves_every_input_on_the_cpu(tmp_path):
     cfg = tiny_cfg(tmp_path)
     env = setup_distributed(False)
