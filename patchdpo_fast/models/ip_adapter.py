@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path

@@ -76,6 +76,7 @@ def check_reference(path: Path, stored: dict[str, Any] | None, current: dict[str
     """Refuse to resume a DPO run against another reference adapter than the one its checkpoint was trained with."""
     if stored is None or current is None or stored.get("sha256") == current["sha256"]:
         return
+
     def label(record: dict[str, Any]) -> str:
         return "reference UNet" if record.get("kind") == "initial UNet" else "reference adapter"
 
