@@ -136,6 +136,11 @@ class PlainEngine:
         """Full parameters available on this rank (a no-op without ZeRO-3)."""
         yield
 
+    @contextlib.contextmanager
+    def master_weights(self) -> Any:
+        """The trainable parameters hold their fp32 master values (a no-op: they always do here)."""
+        yield
+
 
 class DeepSpeedEngine:
     """``deepspeed.initialize`` around the adapter-bearing UNet (ZeRO stage and precision from the resolved JSON)."""
@@ -274,3 +279,35 @@ class DeepSpeedEngine:
                 yield
         else:
             yield
+
+    @contextlib.contextmanager
+    def master_weights(self, keep_on: int | None = 0) -> Any:
+        """On rank ``keep_on`` (every rank with None) the trainable parameters read as their fp32 master values.
+
+        Under DeepSpeed bf16 / fp16 the module's parameters are the low-precision working copies; the fp32 masters
+        live, partitioned, in the optimizer. For exports (``train.export_dtype=fp32`` is then exact, and an fp16 export
+        is rounded from fp32, not from bf16) each trainable parameter's master is assembled (one collective per
+        parameter: every rank must enter this together; under ZeRO-3 inside :meth:`gathered`), moved to the host and
+        swapped in for the duration of the block, one fp32 copy of what trains in host memory on the keeping rank.
+        A no-op without low-precision training.
+        """
+        if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
+            yield
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            for param in self.module.parameters():
+                if not param.requires_grad:
+                    continue
+                full = safe_get_full_fp32_param(param)  # collective
+                if full is None or (keep_on is not None and self.env.rank != keep_on):
+                    continue
+                swapped.append((param, param.data))
+                param.data = full.detach().to("cpu", torch.float32).reshape(param.data.shape)
+                del full
+            yield
+        finally:
+            for param, data in swapped:
+                param.data = data

@@ -332,7 +332,8 @@ class Trainer:
             logger.info("fixed-batch loss at step %d: %.6f (at step 0: %s)", self.step, eval_end, eval_start)
         self._close_metrics()
         exports: dict[str, Path] = {}
-        with self.engine.gathered():
+        # the fp32 masters (DeepSpeed bf16 / fp16 keeps them in the optimizer), gathered under ZeRO-3
+        with self.engine.gathered(), self.engine.master_weights():
             if env.is_main:
                 exports = self.export(out_dir)
                 adapter = exports.get("adapter")
@@ -351,7 +352,8 @@ class Trainer:
     def export(self, out_dir: str | Path | None = None) -> dict[str, Path]:
         """Write the mode's exports to ``out_dir`` (default ``train.output_dir``): the IP-Adapter file, the UNet LoRA
         (diffusers ``load_lora_weights``) or the full ``unet/`` folder, in ``train.export_dtype``; the EMA weights
-        when ``optim.use_ema``. Rank 0 only, inside ``engine.gathered()`` under ZeRO-3 (as :meth:`finish` calls it).
+        when ``optim.use_ema``. Rank 0 only, inside ``engine.gathered()`` and ``engine.master_weights()`` under
+        DeepSpeed (as :meth:`finish` calls it: every rank enters those, they are collective).
         """
         self._require_setup()
         target = Path(out_dir) if out_dir is not None else self.output_dir

@@ -78,3 +78,22 @@ def test_zero3_resume_is_exact(tmp_path):
             assert torch.equal(a[key], b[key]), f"{name}:{key}"
     exported = load_file(str(resumed / "ip_adapter.safetensors"))  # gathered from the ZeRO-3 partitions
     assert exported and all(t.numel() > 0 for t in exported.values())
+
+
+@pytest.mark.parametrize(("stage", "ranks"), [(2, 1), (3, 2)])
+def test_bf16_exports_hold_the_fp32_master_weights(tmp_path, stage, ranks):
+    """Under DeepSpeed bf16 the module holds bf16 working copies; an fp32 export is written from the fp32 masters."""
+    ds_json = REPO / "configs" / "deepspeed" / f"zero{stage}.json"
+    out = _run(tmp_path, "bf16", ranks, 2, "train.mixed_precision=bf16", "train.export_dtype=fp32",
+               "train.max_steps=2", "optim.lr=1e-3", ds_json=ds_json)  # fmt: skip
+    exported = load_file(str(out / "ip_adapter.safetensors"))
+    working = _adapter(out / "checkpoints" / "step_00000002")  # the checkpoint's copy: the module's bf16 weights
+    assert {t.dtype for t in working.values()} == {torch.bfloat16}
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    finer = 0
+    for key, value in exported.items():
+        finer += int((value.to(torch.bfloat16).float() != value).sum())  # not a bf16 value widened to fp32
+        # the master rounds to the working copy (DeepSpeed casts the masters to bf16 after each step)
+        rounded = value.to(torch.bfloat16)
+        assert any(w.shape == rounded.shape and torch.equal(w, rounded) for w in working.values()), key
+    assert finer > 0
