@@ -125,6 +125,10 @@ class TrainableSetup:
         zero = ref_config["zero_optimization"]
         for key in ("offload_optimizer",):  # an inference engine has no optimizer to offload
             zero.pop(key, None)
+        # DeepSpeed casts an engine's module to the config's precision: the reference keeps model.reference_dtype
+        ref_dtype = next(p.dtype for p in self.reference.parameters() if p.is_floating_point())
+        ref_config["bf16"] = {"enabled": ref_dtype == torch.bfloat16}
+        ref_config["fp16"] = {**ref_config.get("fp16", {}), "enabled": ref_dtype == torch.float16}
         engine, *_ = deepspeed.initialize(model=self.reference, config=ref_config, dist_init_required=False)
         engine.eval()
         self.reference = engine.module

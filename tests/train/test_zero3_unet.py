@@ -128,7 +128,7 @@ def test_zero3_partitions_the_reference_and_the_lora_toggle_gives_the_reference(
     training, the LoRA-off forward still reproduces the initial UNet bit for bit while the policy moved. unet: the
     frozen reference is a DeepSpeed engine of its own whose parameters are ZeRO-3 partitioned (each rank holds a
     1/world_size share, nothing left materialized), it reproduces the initial model after training and its gathered
-    weights are unchanged.
+    weights are unchanged; with bf16 training it keeps model.reference_dtype=fp32.
     """
     ds_json = zero3_config(tmp_path / "zero3.json", stage3_param_persistence_threshold=0)
     launch(Path(__file__).with_name("zero3_worker.py"), [str(ds_json), str(tmp_path)], 2, tmp_path)
@@ -152,3 +152,8 @@ def test_zero3_partitions_the_reference_and_the_lora_toggle_gives_the_reference(
         assert ref["local"] == pytest.approx(ref["total"] / 2, rel=1e-3)
         assert full["reference_gathered_numel"] == ref["total"] == full["policy"]["total"]
         assert full["reference_unchanged"]
+        assert full["policy_dtype"] == full["reference_dtype"] == "torch.float32"
+        bf16 = res["unet_bf16"]  # model.reference_dtype=fp32 is kept although DeepSpeed trains in bf16
+        assert bf16["policy_dtype"] == "torch.bfloat16" and bf16["reference_dtype"] == "torch.float32"
+        assert bf16["reference_after_eq_before"] and bf16["reference_unchanged"] and bf16["policy_moved"] > 1e-3
+        assert bf16["reference"]["zero3"] == bf16["reference"]["params"] and bf16["reference"]["materialized"] == 0

@@ -3,8 +3,9 @@
 For ``model.trainable`` unet_lora and unet, built with the trainer's own pieces under a ZeRO-3 config whose
 parameters are all released after use, it records per rank (``<out>/rank<N>.json``): the step-0 DPO log-ratio and
 loss, how the policy's and the frozen reference's parameters are partitioned, whether the reference forward after
-training still reproduces the initial model's prediction bit for bit, and whether the gathered frozen reference
-changed. Usage: ``deepspeed --num_gpus 2 zero3_worker.py <deepspeed.json> <out_dir>``.
+training still reproduces the initial model's prediction bit for bit, whether the gathered frozen reference
+changed, and the dtypes of policy and reference (also for bf16 training with an fp32 reference).
+Usage: ``deepspeed --num_gpus 2 zero3_worker.py <deepspeed.json> <out_dir>``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _gathered_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in params.items()}
 
 
-def run_mode(mode: str, ds_json: str, env: Any) -> dict[str, Any]:
-    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [
+def run_mode(mode: str, ds_json: str, env: Any, *extra: str) -> dict[str, Any]:
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [*extra,
         f"deepspeed.config={ds_json}", f"model.trainable={mode}", "model.lora.rank=4", "cache.enabled=false",
         "data.procedural.num_pairs=2", "data.pairs_per_batch=1", "optim.warmup_steps=0", "data.drop_image=0",
         "data.drop_text=0", "data.drop_both=0", "loss.type=patch_dpo", "loss.beta=1000", "optim.lr=1e-3",
@@ -96,11 +97,14 @@ def run_mode(mode: str, ds_json: str, env: Any) -> dict[str, Any]:
         "log2_fp32": float(torch.tensor(math.log(2.0), dtype=torch.float32)),
         "step0_policy_eq_reference": bool(torch.equal(pred0, ref0)),
         "reference_after_eq_initial": bool(torch.equal(ref3, pred0)),
+        "reference_after_eq_before": bool(torch.equal(ref3, ref0)),
         "policy_moved": float((pred3 - pred0).abs().max()),
         "losses": losses,
         "policy": _partitioning(models.ip_unet, env.world_size),
         "lora": _partitioning(lora_modules, env.world_size),
         "reference_kind": type(engine.reference).__name__ if engine.reference is not None else None,
+        "policy_dtype": str(models.ip_unet.unet.conv_in.weight.dtype),
+        "reference_dtype": str(reference.unet.conv_in.weight.dtype) if reference is not None else None,
     }
     if reference is not None:
         result["reference"] = _partitioning(reference, env.world_size)
@@ -117,6 +121,10 @@ def main() -> None:
     env = setup_distributed(True)
     try:
         results = {mode: run_mode(mode, ds_json, env) for mode in ("unet_lora", "unet")}
+        # bf16 training with an fp32 reference (model.reference_dtype): the reference engine must stay fp32
+        results["unet_bf16"] = run_mode(
+            "unet", ds_json, env, "train.mixed_precision=bf16", "model.reference_dtype=fp32"
+        )
         (out_dir / f"rank{env.rank}.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     finally:
         env.shutdown()
