@@ -393,6 +393,22 @@ class IPAdapterUNet(nn.Module):
             for _, param in self.unet_lora_parameters():
                 param.requires_grad_(True)
 
+    def saved_parameters(self, whole_unet: bool = False) -> list[nn.Parameter]:
+        """The parameters that checkpoints and exports read: the policy adapter (resampler and every IP
+        ``to_k_ip``/``to_v_ip`` weight, trained or not), the UNet LoRA, and with ``whole_unet`` every UNet weight.
+
+        Under ZeRO-3 only these need gathering to save; the frozen base UNet of the adapter and LoRA modes does not.
+        """
+        out: dict[int, nn.Parameter] = {}
+        if whole_unet:
+            out.update((id(p), p) for p in self.unet.parameters())
+        if self.image_proj is not None:
+            out.update((id(p), p) for p in self.image_proj.parameters())
+            for proc in self.ip_processors.values():
+                out.update((id(p), p) for p in (proc.to_k_ip.weight, proc.to_v_ip.weight))
+        out.update((id(p), p) for _, p in self.unet_lora_parameters())
+        return list(out.values())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train: every IP ``to_k_ip``/``to_v_ip`` weight, plus the resampler if enabled."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -132,7 +132,7 @@ class PlainEngine:
             self.scaler.load_state_dict(state["scaler"])
 
     @contextlib.contextmanager
-    def gathered(self) -> Any:
+    def gathered(self, params: Any = None) -> Any:
         """Full parameters available on this rank (a no-op without ZeRO-3)."""
         yield
 
@@ -270,12 +270,17 @@ class DeepSpeedEngine:
                 setattr(scaler, key, value)
 
     @contextlib.contextmanager
-    def gathered(self) -> Any:
-        """Gather ZeRO-3 partitioned parameters so the full adapter can be read (export, checkpoints)."""
+    def gathered(self, params: Any = None) -> Any:
+        """Gather ZeRO-3 partitioned parameters so they can be read whole (export, checkpoints, sample grids).
+
+        ``params``: the parameters to gather (default every parameter of the module); each rank holds them whole for
+        the duration of the block.
+        """
         if self.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            chosen = list(self.module.parameters()) if params is None else list(params)
+            with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
                 yield
         else:
             yield

@@ -333,7 +333,7 @@ class Trainer:
         self._close_metrics()
         exports: dict[str, Path] = {}
         # the fp32 masters (DeepSpeed bf16 / fp16 keeps them in the optimizer), gathered under ZeRO-3
-        with self.engine.gathered(), self.engine.master_weights():
+        with self.engine.gathered(self._saved_parameters()), self.engine.master_weights():
             if env.is_main:
                 exports = self.export(out_dir)
                 adapter = exports.get("adapter")
@@ -414,7 +414,7 @@ class Trainer:
             ckpt.begin()
         env.barrier()
         global_state, rank_state = engine.state()  # collective for DeepSpeed
-        with engine.gathered():
+        with engine.gathered(self._saved_parameters()):  # under ZeRO-3 only what the files hold
             adapter = self.models.adapter_state_dict() if env.is_main else None
             # the UNet side of the mode (unet.safetensors, unet_lora.safetensors); the reference is never stored
             unet_files = self.trainable.checkpoint_tensors(self.models.ip_unet) if env.is_main else {}
@@ -450,6 +450,10 @@ class Trainer:
                 logger.debug("pruned checkpoint %s", gone)
         env.barrier()
         return ckpt.final
+
+    def _saved_parameters(self) -> list[torch.nn.Parameter]:
+        """What checkpoints and exports read (the adapter, the LoRA, the whole UNet when it trains)."""
+        return self.models.ip_unet.saved_parameters(whole_unet=self.trainable.mode.unet == "full")
 
     def _load_checkpoint_state(self, path: Path) -> dict[str, Any]:
         """The engine, EMA and RNG state of checkpoint ``path``; returns its trainer record (step counters)."""

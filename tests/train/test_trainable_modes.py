@@ -266,3 +266,25 @@ def test_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path):
     assert all(torch.equal(ema[k], again[k]) for k in ema)
     with pytest.raises(ResumeConfigError, match=r"optim\.use_ema"):
         train(_run_cfg(tmp_path, "resumed", "model.trainable=unet_lora", "train.export_dtype=fp32"), resume="latest")
+
+
+@pytest.mark.parametrize("mode", ["ip_adapter", "unet_lora", "unet", "ip_adapter+unet_lora"])
+def test_saved_parameters_are_exactly_what_checkpoints_and_exports_read(mode):
+    """Under ZeRO-3 only ``saved_parameters`` are gathered to save: they must cover every tensor a checkpoint or an
+    export reads (else it would read an empty partition) and leave the frozen base UNet of the other modes out."""
+    cfg = _cfg(f"model.trainable={mode}", "loss.type=patch_dpo")
+    models = build_models(cfg, ENV)
+    setup = setup_trainable(cfg, models)
+    ip_unet = models.ip_unet
+    whole = setup.mode.unet == "full"
+    saved = {id(p) for p in ip_unet.saved_parameters(whole_unet=whole)}
+    by_storage = {p.data_ptr(): id(p) for p in ip_unet.parameters()}
+    read = [*models.adapter_state_dict().values(), *ip_unet.unet_lora_state_dict().values()]
+    read += [t for group in ip_unet.ip_adapter_state_dicts() for t in group.values()]
+    if whole:
+        read += list(ip_unet.unet_state_dict().values())
+    read_ids = {by_storage[t.data_ptr()] for t in read if t.data_ptr() in by_storage}  # parameters, not buffers
+    assert read_ids <= saved
+    assert {id(p) for p in ip_unet.parameters() if p.requires_grad} <= saved  # what trains is saved
+    frozen_base = [p for n, p in ip_unet.unet.named_parameters() if "conv_in" in n]
+    assert all((id(p) in saved) == whole for p in frozen_base)
