@@ -7,52 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixed_batch import FixedBatch, fixed_batch_cfg
 
 import patchdpo_fast.training.step as step_mod
 from patchdpo_fast.config import load_config
-from patchdpo_fast.data import build_pair_dataset
 from patchdpo_fast.train import train
-from patchdpo_fast.training.batch import draw_pair_noise
-from patchdpo_fast.training.build import build_engine, build_models
-from patchdpo_fast.training.distributed import DistEnv
-from patchdpo_fast.training.inputs import ModelInputs, collate
-from patchdpo_fast.training.step import forward_loss
-from patchdpo_fast.training.trainable import setup_trainable
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 SD15 = ["model.tiny_architecture=sd15"]
-
-
-def _cfg(*overrides: str):
-    base = ["data.procedural.num_pairs=2", "data.pairs_per_batch=2", "cache.enabled=false", "optim.warmup_steps=0",
-            "data.drop_image=0", "data.drop_text=0", "data.drop_both=0", "model.lora.rank=4"]  # fmt: skip
-    return load_config(TINY, [*base, *overrides], check_paths=False)
-
-
-class FixedBatch:
-    """The trainer's models, trainable setup and engine for ``cfg``, with one fixed batch (noise, timesteps)."""
-
-    def __init__(self, cfg) -> None:
-        torch.manual_seed(0)
-        self.cfg = cfg
-        self.models = build_models(cfg, ENV)
-        self.setup = setup_trainable(cfg, self.models)
-        self.engine = build_engine(cfg, self.models, ENV, self.setup)
-        self.inputs = ModelInputs(cfg, self.models, ENV, None)
-        dataset = build_pair_dataset(cfg.data, needs_quality=True)
-        self.x = self.inputs(collate([dataset[0], dataset[1]]), 0)
-        self.rnd = draw_pair_noise(0, 0, [0, 1], tuple(self.x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
-
-    def loss(self, train: bool = False):
-        return forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
-
-    def step(self, n: int = 1) -> None:
-        for _ in range(n):
-            out = self.loss(train=True)
-            self.engine.backward(out.loss)
-            self.engine.step()
 
 
 @pytest.mark.parametrize(
@@ -65,7 +28,7 @@ class FixedBatch:
     ],
 )
 def test_sd15_loss_falls_on_a_fixed_batch(mode, loss, learn):
-    run = FixedBatch(_cfg(*SD15, f"model.trainable={mode}", f"loss.type={loss}", *learn))
+    run = FixedBatch(fixed_batch_cfg(*SD15, f"model.trainable={mode}", f"loss.type={loss}", *learn))
     assert not run.models.added_conditioning and run.x["pooled"] is None
     start = float(run.loss().loss)
     if loss.endswith("dpo"):
@@ -119,8 +82,9 @@ def test_v_prediction_trains_against_the_velocity(arch, monkeypatch):
     monkeypatch.setattr(step_mod, "compute_loss", spy)
     runs = {}
     for kind in ("epsilon", "v_prediction"):
-        run = FixedBatch(_cfg(f"model.tiny_architecture={arch}", f"model.prediction_type={kind}", "loss.type=mse",
-                              "optim.lr=1e-3"))  # fmt: skip
+        cfg = fixed_batch_cfg(f"model.tiny_architecture={arch}", f"model.prediction_type={kind}", "loss.type=mse",
+                              "optim.lr=1e-3")  # fmt: skip
+        run = FixedBatch(cfg)
         assert run.models.noise_scheduler.config.prediction_type == kind
         seen.clear()
         start = float(run.loss().loss)

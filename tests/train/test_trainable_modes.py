@@ -11,24 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixed_batch import ENV, FixedBatch, fixed_batch_cfg
 from safetensors.torch import load_file
 
 from patchdpo_fast.config import ConfigError, load_config
-from patchdpo_fast.data import build_pair_dataset
 from patchdpo_fast.train import train
-from patchdpo_fast.training.batch import draw_pair_noise
-from patchdpo_fast.training.build import build_engine, build_models
-from patchdpo_fast.training.distributed import DistEnv
-from patchdpo_fast.training.inputs import ModelInputs, collate
+from patchdpo_fast.training.build import build_models
 from patchdpo_fast.training.resume import ResumeConfigError
-from patchdpo_fast.training.step import forward_loss
 from patchdpo_fast.training.trainable import setup_trainable
 
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
 MODES = ["unet_lora", "unet", "ip_adapter+unet_lora", "ip_adapter+unet"]
 LOSSES = ["patch_weighted_mse", "mse", "patch_dpo", "diffusion_dpo", "reconstruction"]
 # per loss: a learning rate (and beta) under which a few steps on one batch move a random tiny model
@@ -41,40 +36,10 @@ LEARN = {
 }
 
 
-def _cfg(*overrides: str):
-    base = ["data.procedural.num_pairs=2", "data.pairs_per_batch=2", "cache.enabled=false", "optim.warmup_steps=0",
-            "data.drop_image=0", "data.drop_text=0", "data.drop_both=0", "model.lora.rank=4"]  # fmt: skip
-    return load_config(TINY, [*base, *overrides], check_paths=False)
-
-
-class FixedBatch:
-    """The trainer's models, trainable setup and engine for ``cfg``, with one fixed batch (noise, timesteps)."""
-
-    def __init__(self, cfg) -> None:
-        torch.manual_seed(0)
-        self.cfg = cfg
-        self.models = build_models(cfg, ENV)
-        self.setup = setup_trainable(cfg, self.models)
-        self.engine = build_engine(cfg, self.models, ENV, self.setup)
-        self.inputs = ModelInputs(cfg, self.models, ENV, None)
-        dataset = build_pair_dataset(cfg.data, needs_quality=True)
-        self.x = self.inputs(collate([dataset[0], dataset[1]]), 0)
-        self.rnd = draw_pair_noise(0, 0, [0, 1], tuple(self.x["lat_ref"].shape[1:]), 1000, 0.0, 0.0, 0.0)
-
-    def loss(self, train: bool = False):
-        return forward_loss(self.cfg, self.models, self.engine, self.inputs, self.x, self.rnd, train=train)
-
-    def step(self, n: int = 1) -> None:
-        for _ in range(n):
-            out = self.loss(train=True)
-            self.engine.backward(out.loss)
-            self.engine.step()
-
-
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mode", MODES)
 def test_every_loss_falls_in_every_mode(mode, loss):
-    run = FixedBatch(_cfg(f"model.trainable={mode}", f"loss.type={loss}", *LEARN[loss]))
+    run = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", f"loss.type={loss}", *LEARN[loss]))
     start = float(run.loss().loss)
     if loss.endswith("dpo"):  # policy == reference at step 0: the LoRA starts at zero, the reference is a copy
         assert start == pytest.approx(0.6931471805599453, abs=1e-6)
@@ -85,7 +50,7 @@ def test_every_loss_falls_in_every_mode(mode, loss):
 
 @pytest.mark.parametrize("mode", ["unet", "ip_adapter+unet"])
 def test_full_finetuning_keeps_a_frozen_reference_only_for_dpo_losses(mode):
-    run = FixedBatch(_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"]))
+    run = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"]))
     ref = run.engine.reference
     assert ref is not None and ref is not run.models.ip_unet
     assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
@@ -99,26 +64,26 @@ def test_full_finetuning_keeps_a_frozen_reference_only_for_dpo_losses(mode):
     assert float(run.loss().log_ratio.abs().max()) > 0
 
     for loss in ("mse", "patch_weighted_mse", "reconstruction"):
-        plain = FixedBatch(_cfg(f"model.trainable={mode}", f"loss.type={loss}"))
+        plain = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", f"loss.type={loss}"))
         assert plain.setup.reference is None and plain.engine.reference is None
         assert not plain.models.ip_unet.has_reference
 
 
 def test_reference_unet_dtype_follows_the_config():
-    cfg = _cfg("model.trainable=unet", "loss.type=diffusion_dpo", "model.reference_dtype=bf16")
+    cfg = fixed_batch_cfg("model.trainable=unet", "loss.type=diffusion_dpo", "model.reference_dtype=bf16")
     run = FixedBatch(cfg)
     assert {p.dtype for p in run.engine.reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in run.models.ip_unet.unet.parameters()} == {torch.float32}  # fp32 master weights
     out = run.loss()  # the bf16 reference's prediction meets the fp32 policy's in the fused loss
     assert torch.isfinite(out.loss) and float(out.log_ratio.abs().max()) > 0  # bf16 rounding: not exactly equal
-    auto = FixedBatch(_cfg("model.trainable=unet", "loss.type=diffusion_dpo"))
+    auto = FixedBatch(fixed_batch_cfg("model.trainable=unet", "loss.type=diffusion_dpo"))
     assert {p.dtype for p in auto.engine.reference.parameters()} == {torch.float32}  # mixed_precision: no
 
 
 @pytest.mark.parametrize("mode", ["unet_lora", "unet"])
 def test_eight_bit_adamw_and_gradient_checkpointing(mode):
-    plain = FixedBatch(_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"]))
-    ckpt = FixedBatch(_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"],
+    plain = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"]))
+    ckpt = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"],
                            "model.gradient_checkpointing=true"))  # fmt: skip
     assert ckpt.models.ip_unet.unet.is_gradient_checkpointing
     for run in (plain, ckpt):
@@ -129,7 +94,7 @@ def test_eight_bit_adamw_and_gradient_checkpointing(mode):
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
-    bnb = FixedBatch(_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"],
+    bnb = FixedBatch(fixed_batch_cfg(f"model.trainable={mode}", "loss.type=patch_dpo", *LEARN["patch_dpo"],
                           "optim.optimizer=adamw8bit", "model.gradient_checkpointing=true"))  # fmt: skip
     assert type(bnb.engine.optimizer).__name__ == "AdamW8bit"
     start = float(bnb.loss().loss)
@@ -149,17 +114,17 @@ def test_bad_trainable_configs_get_one_line_errors():
     }
     for override, pattern in cases.items():
         with pytest.raises(ConfigError, match=pattern) as info:
-            _cfg(override)
+            fixed_batch_cfg(override)
         assert "\n" not in str(info.value), str(info.value)
     with pytest.raises(ConfigError, match=r"model\.train_resampler: model\.trainable=unet_lora keeps the adapter"):
-        _cfg("model.trainable=unet_lora", "model.train_resampler=true")
+        fixed_batch_cfg("model.trainable=unet_lora", "model.train_resampler=true")
     with pytest.raises(ConfigError, match=r"model\.train_unet: is the older spelling of model\.trainable"):
-        _cfg("model.trainable=unet", "model.train_unet=true")
-    assert _cfg("model.train_unet=true").model.effective_trainable == "ip_adapter+unet"
-    assert _cfg().model.effective_trainable == "ip_adapter"  # the default is today's behaviour
+        fixed_batch_cfg("model.trainable=unet", "model.train_unet=true")
+    assert fixed_batch_cfg("model.train_unet=true").model.effective_trainable == "ip_adapter+unet"
+    assert fixed_batch_cfg().model.effective_trainable == "ip_adapter"  # the default is today's behaviour
 
 
-def _run_cfg(tmp_path: Path, name: str, *overrides: str):
+def _runfixed_batch_cfg(tmp_path: Path, name: str, *overrides: str):
     base = [f"train.output_dir={tmp_path / name}", f"cache.dir={tmp_path / 'cache'}", "cache.on_stale=rebuild",
             "data.procedural.num_pairs=4", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2",
             "train.keep_checkpoints=null", "loss.type=patch_dpo", "loss.beta=1000", "optim.lr=1e-3",
@@ -173,7 +138,7 @@ def test_resume_is_bit_exact_and_refuses_another_trainable(tmp_path, mode):
     from diffusers import UNet2DConditionModel
 
     extra = [f"model.trainable={mode}", "train.export_dtype=fp32"]
-    result = train(_run_cfg(tmp_path, "straight", *extra))
+    result = train(_runfixed_batch_cfg(tmp_path, "straight", *extra))
     unet_file = "unet_lora.safetensors" if mode == "unet_lora" else "unet.safetensors"
     final = load_file(str(result.last_checkpoint / unet_file))
     initial = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000002" / unet_file))
@@ -182,8 +147,8 @@ def test_resume_is_bit_exact_and_refuses_another_trainable(tmp_path, mode):
     shutil.copytree(result.output_dir, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
     with pytest.raises(ResumeConfigError, match=r"model\.trainable"):
-        train(_run_cfg(tmp_path, "resumed", "model.trainable=ip_adapter"), resume="latest")
-    resumed = train(_run_cfg(tmp_path, "resumed", *extra), resume="latest")
+        train(_runfixed_batch_cfg(tmp_path, "resumed", "model.trainable=ip_adapter"), resume="latest")
+    resumed = train(_runfixed_batch_cfg(tmp_path, "resumed", *extra), resume="latest")
     again = load_file(str(resumed.last_checkpoint / unet_file))
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
     a = load_file(str(result.last_checkpoint / "adapter.safetensors"))
@@ -205,7 +170,7 @@ def test_full_unet_export_dtype(tmp_path):
 
     from patchdpo_fast.training.export import export_run
 
-    cfg = _cfg("model.trainable=unet", "loss.type=mse", "train.unet_export_dtype=fp16")
+    cfg = fixed_batch_cfg("model.trainable=unet", "loss.type=mse", "train.unet_export_dtype=fp16")
     run = FixedBatch(cfg)
     paths = export_run(cfg, run.models, run.setup.mode, tmp_path)
     assert set(paths) == {"adapter", "unet"}
@@ -243,13 +208,13 @@ def test_ema_average_update_swap_and_errors():
     with pytest.raises(ValueError, match="decay"):
         EMAWeights([("w", w)], decay=1.0)
     with pytest.raises(ConfigError, match=r"optim\.use_ema"):
-        _cfg("optim.use_ema=true", "deepspeed.zero_stage=3")
+        fixed_batch_cfg("optim.use_ema=true", "deepspeed.zero_stage=3")
 
 
 @pytest.mark.slow
 def test_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path):
     extra = ["model.trainable=unet_lora", "optim.use_ema=true", "optim.ema_decay=0.5", "train.export_dtype=fp32"]
-    result = train(_run_cfg(tmp_path, "straight", *extra))
+    result = train(_runfixed_batch_cfg(tmp_path, "straight", *extra))
     ema = load_file(str(result.last_checkpoint / "ema.safetensors"))
     lora = load_file(str(result.last_checkpoint / "unet_lora.safetensors"))
     assert set(ema) == {f"unet.{k}" for k in lora}  # the trainable parameters: the LoRA only
@@ -261,18 +226,21 @@ def test_ema_is_checkpointed_resumed_exactly_and_exported(tmp_path):
 
     shutil.copytree(result.output_dir, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
-    resumed = train(_run_cfg(tmp_path, "resumed", *extra), resume="latest")
+    resumed = train(_runfixed_batch_cfg(tmp_path, "resumed", *extra), resume="latest")
     again = load_file(str(resumed.last_checkpoint / "ema.safetensors"))
     assert all(torch.equal(ema[k], again[k]) for k in ema)
     with pytest.raises(ResumeConfigError, match=r"optim\.use_ema"):
-        train(_run_cfg(tmp_path, "resumed", "model.trainable=unet_lora", "train.export_dtype=fp32"), resume="latest")
+        train(
+            _runfixed_batch_cfg(tmp_path, "resumed", "model.trainable=unet_lora", "train.export_dtype=fp32"),
+            resume="latest",
+        )
 
 
 @pytest.mark.parametrize("mode", ["ip_adapter", "unet_lora", "unet", "ip_adapter+unet_lora"])
 def test_saved_parameters_are_exactly_what_checkpoints_and_exports_read(mode):
     """Under ZeRO-3 only ``saved_parameters`` are gathered to save: they must cover every tensor a checkpoint or an
     export reads (else it would read an empty partition) and leave the frozen base UNet of the other modes out."""
-    cfg = _cfg(f"model.trainable={mode}", "loss.type=patch_dpo")
+    cfg = fixed_batch_cfg(f"model.trainable={mode}", "loss.type=patch_dpo")
     models = build_models(cfg, ENV)
     setup = setup_trainable(cfg, models)
     ip_unet = models.ip_unet
