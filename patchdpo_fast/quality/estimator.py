@@ -46,6 +46,7 @@ from patchdpo_fast.quality.backbone import (
     read_preprocessor,
 )
 from patchdpo_fast.quality.matching import patch_match
+from patchdpo_fast.quality.sharpness import local_sharpness, sharpness_embedding
 from patchdpo_fast.utils import set_default_permissions
 
 __all__ = [
@@ -192,6 +193,10 @@ class PatchQualityEstimator(nn.Module):
         mask_threshold: a reference patch is foreground when the mask covers at least this fraction of it.
         reference_background: reference-map value of background patches when a mask is given.
         backend: matching backend, ``"auto"``, ``"triton"`` or ``"torch"`` (:func:`~.matching.patch_match`).
+        sharpness_weight: ``lambda`` in [0, 1): the patch feature becomes the L2-normalized backbone feature
+            (weight ``sqrt(1 - lambda)``) joined with the embedding of the patch's local sharpness relative to its
+            image (weight ``sqrt(lambda)``; :mod:`~.sharpness`), so the similarity of two patches is
+            ``(1 - lambda) * cos_features + lambda * sharpness_agreement``. 0 (default): the backbone feature alone.
     """
 
     def __init__(
@@ -207,6 +212,7 @@ class PatchQualityEstimator(nn.Module):
         mask_threshold: float = 0.5,
         reference_background: float = 1.0,
         backend: str = "auto",
+        sharpness_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone.eval()
@@ -221,6 +227,8 @@ class PatchQualityEstimator(nn.Module):
             raise ValueError(f"`mask_threshold` must be in (0, 1], got {mask_threshold!r}")
         if not 0.0 <= reference_background <= 1.0:
             raise ValueError(f"`reference_background` must be in [0, 1], got {reference_background!r}")
+        if not (0.0 <= float(sharpness_weight) < 1.0):
+            raise ValueError(f"`sharpness_weight` must be in [0, 1), got {sharpness_weight!r}")
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
         self.calibration = Calibration.from_any(calibration)
@@ -229,6 +237,7 @@ class PatchQualityEstimator(nn.Module):
         self.mask_threshold = float(mask_threshold)
         self.reference_background = float(reference_background)
         self.backend = backend
+        self.sharpness_weight = float(sharpness_weight)
         self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -273,8 +282,9 @@ class PatchQualityEstimator(nn.Module):
         return est.to(device) if device is not None else est
 
     def config_dict(self) -> dict[str, Any]:
-        """The JSON-serializable settings :meth:`save_pretrained` writes."""
-        return {
+        """The JSON-serializable settings :meth:`save_pretrained` writes (``sharpness_weight`` only when it is not 0,
+        so the settings, and the map tags of :mod:`.manifest_maps`, of estimators without it stay as they were)."""
+        cfg = {
             "format": "patchdpo_fast.quality",
             "version": FORMAT_VERSION,
             "backbone": "backbone",
@@ -287,6 +297,9 @@ class PatchQualityEstimator(nn.Module):
             "mask_threshold": self.mask_threshold,
             "reference_background": self.reference_background,
         }
+        if self.sharpness_weight:
+            cfg["sharpness_weight"] = self.sharpness_weight
+        return cfg
 
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``quality_config.json`` and the backbone (``backbone/config.json`` + safetensors; no pickle).
@@ -350,10 +363,16 @@ class PatchQualityEstimator(nn.Module):
     def features_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch features ``(B, h, w, D)`` of preprocessed pixels (differentiable; used by training too)."""
         feats = patch_tokens(self.backbone, pixels, self.feature_layer)
-        if not self.flip_invariant:
+        if self.flip_invariant:
+            mirrored = patch_tokens(self.backbone, pixels.flip(-1), self.feature_layer).flip(2)
+            feats = F.normalize(feats.float(), dim=-1) + F.normalize(mirrored.float(), dim=-1)
+        if not self.sharpness_weight:
             return feats
-        mirrored = patch_tokens(self.backbone, pixels.flip(-1), self.feature_layer).flip(2)
-        return F.normalize(feats.float(), dim=-1) + F.normalize(mirrored.float(), dim=-1)
+        # the sharpness of a cell is mirror-symmetric (symmetric blurs, cell means): one pass serves both views
+        images = (pixels.float() * self._std + self._mean).clamp(0.0, 1.0)
+        sharp = sharpness_embedding(local_sharpness(images, tuple(feats.shape[1:3])))
+        lam = self.sharpness_weight
+        return torch.cat([math.sqrt(1.0 - lam) * F.normalize(feats.float(), dim=-1), math.sqrt(lam) * sharp], dim=-1)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -451,4 +470,5 @@ _SETTINGS = (
     "flip_invariant",
     "mask_threshold",
     "reference_background",
+    "sharpness_weight",
 )

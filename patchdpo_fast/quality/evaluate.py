@@ -408,6 +408,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, torch's choice))")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="matching backend")
     p.add_argument("--no-flip-invariant", action="store_true", help="plain (not flip-symmetrized) features")
+    p.add_argument(
+        "--sharpness-weight",
+        type=float,
+        default=None,
+        help="override the estimator's sharpness_weight (0 = backbone features alone; the raw similarities are "
+        "graded, so the calibration fitted for another weight does not matter for AUROC / AP)",
+    )
     return p
 
 
@@ -436,6 +443,10 @@ def _setup(est: Estimator, args: argparse.Namespace) -> Estimator:
         est.backend = args.backend
         if args.no_flip_invariant:
             est.flip_invariant = False
+        if args.sharpness_weight is not None:
+            if not 0.0 <= args.sharpness_weight < 1.0:
+                raise UserError(f"--sharpness-weight must be in [0, 1), got {args.sharpness_weight}")
+            est.sharpness_weight = float(args.sharpness_weight)
     return est
 
 

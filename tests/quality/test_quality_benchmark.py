@@ -145,6 +145,27 @@ def test_training_pairs_without_global_changes(photos):
         make_training_pairs(photos, (16, 16), g, (64, 64), recipe="grid", global_changes=False)
 
 
+def test_training_pairs_without_global_blur(photos, monkeypatch):
+    """``global_blur=False`` drops only the whole-image blur of both views; the other global changes stay."""
+    from patchdpo_fast.quality import defects
+    from patchdpo_fast.quality.defects import TRAIN_CHANGE, TRAIN_REF_CHANGE
+
+    seen = []
+    real = defects._post
+    monkeypatch.setattr(defects, "_post", lambda img, change, g: seen.append(change) or real(img, change, g))
+    make_training_pairs(photos, (16, 16), torch.Generator().manual_seed(3), (64, 64))
+    assert {c.blur_p for c in seen} == {TRAIN_CHANGE.blur_p, TRAIN_REF_CHANGE.blur_p}
+    seen.clear()
+    pairs = make_training_pairs(photos, (16, 16), torch.Generator().manual_seed(3), (64, 64), global_blur=False)
+    assert seen and all(c.blur_p == 0.0 for c in seen)
+    assert {c.jpeg_p for c in seen} == {TRAIN_CHANGE.jpeg_p, TRAIN_REF_CHANGE.jpeg_p}
+    assert seen[0].geometry == TRAIN_CHANGE.geometry and seen[1].geometry == TRAIN_REF_CHANGE.geometry
+    cells = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1)
+    assert not torch.allclose(pairs.gen_to_ref, cells.expand_as(pairs.gen_to_ref), atol=1e-2)  # geometry kept
+    with pytest.raises(ValueError, match="needs recipe='offgrid'"):
+        make_training_pairs(photos, (16, 16), torch.Generator(), (64, 64), recipe="grid", global_blur=False)
+
+
 # ---------------------------------------------------------------------------------------------------- splits
 def test_subject_splits_are_fixed_disjoint_and_recorded():
     train, val, test = map(set, (DREAMBENCH_TRAIN_SUBJECTS, DREAMBENCH_VAL_SUBJECTS, DREAMBENCH_TEST_SUBJECTS))

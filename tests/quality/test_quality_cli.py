@@ -153,6 +153,62 @@ def test_quality_train_progressive_crops(photo_dir, tmp_path, monkeypatch):
         train_main([*args, "--minutes", "0.01", "--crop-fraction", "1.5"])
 
 
+def test_quality_train_sharpness_and_global_blur_options(photo_dir, tmp_path, monkeypatch):
+    """--sharpness-weight sets the written estimator's setting (default 0.3); --sharpness-in-loss trains on the
+    joined feature; --no-global-blur reaches the pair maker; all are recorded and checked on resume."""
+    from patchdpo_fast.quality import train_backbone
+
+    seen_blur, seen_dims = [], []
+    real_pairs = train_backbone.make_training_pairs
+    real_loss = train_backbone.dense_patch_loss
+
+    def pairs_spy(*a, **k):
+        seen_blur.append(k.get("global_blur", True))
+        return real_pairs(*a, **k)
+
+    def loss_spy(ref_feat, gen_feat, *a, **k):
+        seen_dims.append(ref_feat.shape[-1])
+        return real_loss(ref_feat, gen_feat, *a, **k)
+
+    monkeypatch.setattr(train_backbone, "make_training_pairs", pairs_spy)
+    monkeypatch.setattr(train_backbone, "dense_patch_loss", loss_spy)
+    args = ["--images", str(photo_dir), "--batch-size", "2", "--no-progress", "--minutes", "0.01"]
+    out = tmp_path / "default"
+    assert train_main([*args, "--out", str(out)]) == 0
+    cfg = json.loads((out / "quality_config.json").read_text())
+    assert cfg["sharpness_weight"] == 0.3 and PatchQualityEstimator.from_pretrained(out).sharpness_weight == 0.3
+    assert set(seen_blur) == {True} and set(seen_dims) == {128}  # the backbone feature alone is trained
+    assert cfg["extra"]["training"]["global_blur"] is True
+    seen_blur.clear(), seen_dims.clear()
+    out = tmp_path / "joined"
+    assert train_main([*args, "--out", str(out), "--sharpness-in-loss", "--sharpness-weight", "0.2"]) == 0
+    cfg = json.loads((out / "quality_config.json").read_text())
+    assert cfg["sharpness_weight"] == 0.2 and set(seen_dims) == {128 + 4}
+    assert cfg["extra"]["training"]["settings"]["sharpness_in_loss"] is True
+    with pytest.raises(UserError, match=r"sharpness_in_loss 0.2 \(now 0.0\)"):
+        train_main([*args, "--out", str(out), "--minutes", "1"])
+    out = tmp_path / "plain"
+    assert train_main([*args, "--out", str(out), "--sharpness-weight", "0", "--no-global-blur"]) == 0
+    cfg = json.loads((out / "quality_config.json").read_text())
+    assert "sharpness_weight" not in cfg and set(seen_blur[-2:]) == {False}
+    assert cfg["extra"]["training"]["global_blur"] is False
+    with pytest.raises(UserError, match=r"global_blur False \(now True\)"):
+        train_main([*args, "--out", str(out), "--minutes", "1", "--sharpness-weight", "0"])
+    with pytest.raises(UserError, match="--sharpness-in-loss needs a --sharpness-weight above 0"):
+        train_main([*args, "--out", str(out), "--sharpness-in-loss", "--sharpness-weight", "0"])
+    with pytest.raises(UserError, match=r"--sharpness-weight must be in \[0, 1\)"):
+        train_main([*args, "--out", str(out), "--sharpness-weight", "1"])
+    with pytest.raises(UserError, match="--no-global-blur needs --recipe offgrid"):
+        train_main([*args, "--out", str(out), "--recipe", "grid", "--no-global-blur"])
+    # quality-eval can override the weight of any estimator (the raw similarities are graded)
+    res_file = tmp_path / "eval.json"
+    base = ["--images", str(photo_dir), "--out", str(res_file), "--pairs", "1", "--all-subjects", "--no-baseline"]
+    assert eval_main([*base, "--estimator", str(out), "--sharpness-weight", "0.4"]) == 0
+    assert json.loads(res_file.read_text())["estimator_settings"]["sharpness_weight"] == 0.4
+    with pytest.raises(UserError, match=r"--sharpness-weight must be in \[0, 1\)"):
+        eval_main([*base, "--estimator", str(out), "--sharpness-weight", "-1"])
+
+
 def test_random_crops_keep_pixels_and_scale():
     from patchdpo_fast.quality.train_backbone import random_crops
 
