@@ -23,6 +23,13 @@
 #             0.85, 16 crops per step, 96 px crops, lr 2e-3, best-match BCE weight 3, and seed 1 of the default and
 #             of no crops (seed noise)
 #   progtest  the test split, once: the 3-minute default run
+# The runs above wrote estimators without the sharpness channel (their folders have no sharpness_weight); the
+# default now joins the relative local sharpness to the features (--sharpness-weight 0.3, docs/quality.md "Why
+# blur-like defects are hard"). Its stages, each run on seeds 0 and 1:
+#   sharp     sharp-3-off: the default before (--sharpness-weight 0), rerun beside; sharp-3: the default now;
+#             sharp-3-in-loss: the channel in the training loss too; sharp-3-no-global-blur: no whole-image blur
+#             among the global changes, graded with the channel and without it (.w0)
+#   sharptest the test split, once: sharp-3 (seed 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -99,6 +106,26 @@ run() {  # one stage
         ;;
     progtest)
         grade prog-minutes-3 test --estimator "$OUT/prog-minutes-3"
+        ;;
+    sharp)
+        local -a runs=("sharp-3-off:--sharpness-weight 0" "sharp-3:" "sharp-3-in-loss:--sharpness-in-loss"
+            "sharp-3-no-global-blur:--no-global-blur")
+        local r name seed
+        for seed in 0 1; do
+            for r in "${runs[@]}"; do
+                name=${r%%:*}
+                [[ $seed == 1 ]] && name+=-seed-1
+                # shellcheck disable=SC2086  # the flags split on purpose
+                train "$name" 3 ${r#*:} --seed "$seed"
+                grade "$name" val --estimator "$OUT/$name"
+            done
+            name=sharp-3-no-global-blur
+            [[ $seed == 1 ]] && name+=-seed-1
+            grade "$name.w0" val --estimator "$OUT/$name" --sharpness-weight 0
+        done
+        ;;
+    sharptest)
+        grade sharp-3 test --estimator "$OUT/sharp-3"
         ;;
     shipped)
         grade shipped-v1 val --estimator tiny-trained

@@ -17,6 +17,9 @@
 * Flip invariance (``flip_invariant=True``, the default): the patch feature is the sum of the normalized features
   of the image and of its mirror image (mirrored back), so a mirrored generated image gets exactly the mirrored
   map. The price: mirror-image detail (e.g. mirrored lettering) is not penalized.
+* Sharpness channel (``sharpness_weight=lambda``, default 0; quality-train writes 0.3): the L2-normalized feature is
+  joined with the patch's local sharpness relative to its image (:mod:`.sharpness`), so the similarity of two patches
+  is ``(1 - lambda) * cos(features) + lambda * sharpness agreement`` (learned features ignore blur).
 * Calibration: ``q = clamp((s - low) / (high - low), 0, 1)`` for the similarity ``s``. The identity calibration
   (``low=0, high=1``) is the default; :meth:`PatchQualityEstimator.fit_calibration` (run by ``quality-train``) sets
   ``low`` to the median similarity of synthetically corrupted patches and ``high`` to the median similarity of clean
