@@ -167,6 +167,16 @@ class ModelConfig(_Section):
             "stable-diffusion-v1-5): the UNet's config decides; required unless tiny."
         ),
     )
+    base_architecture: Literal["auto", "sdxl", "sd15"] = Field(
+        "auto",
+        description=(
+            "The base model's family for the memory plan while pretrained_path does not exist yet (planning before "
+            "downloading): 'sdxl' or 'sd15' (the built-in SDXL base 1.0 / Stable Diffusion 1.5 architectures). "
+            "auto: read it from pretrained_path/unet/config.json, or assume SDXL and say so when the folder is "
+            "absent. Once the folder exists its UNet's config decides, and a different value here is an error "
+            "(estimate-memory and training). Not for the tiny model (model.tiny_architecture)."
+        ),
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None,
         description=(
@@ -260,6 +270,10 @@ class ModelConfig(_Section):
         if not self.tiny and self.tiny_architecture != "sdxl":
             raise _SubKeyError(
                 "tiny_architecture", "applies to the tiny model only; a pretrained model's UNet config decides"
+            )
+        if self.tiny and self.base_architecture != "auto":
+            raise _SubKeyError(
+                "base_architecture", "applies to a pretrained model only; the tiny model's is model.tiny_architecture"
             )
         if self.tiny:
             for name in ("pretrained_path", "image_encoder_path"):

@@ -208,6 +208,9 @@ def assemble_models(
     resampler: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
     reference: bool = True,
+    train_unet: bool = False,
+    train_adapter: bool = True,
+    use_ip_adapter: bool = True,
 ) -> PatchDPOModels:
     """A :class:`PatchDPOModels` from already built components, assembled as ``build_models`` assembles its own.
 
@@ -215,11 +218,17 @@ def assemble_models(
     seeded with ``seed + 5`` like ``build_models``) on the UNet's device, installs the IP processors (fp32
     adapter initialized from each layer's ``to_k`` / ``to_v``, plus the frozen reference copy when ``reference``) and
     optionally enables gradient checkpointing. ``weight_dtype`` is recorded on the bundle; it does not cast anything.
+    ``components`` may lack a second text encoder (``text_encoder_2`` / ``tokenizer_2`` ``None``: SD1.5-class).
+    ``train_unet`` / ``train_adapter`` are :class:`~patchdpo_fast.models.ip_adapter.IPAdapterUNet`'s; with
+    ``use_ip_adapter=False`` no resampler, no IP processors and no image encoder (text-only conditioning; needs
+    ``train_adapter=False``).
     """
-    unet, image_encoder = components["unet"], components["image_encoder"]
+    unet = components["unet"]
+    image_encoder = components.get("image_encoder") if use_ip_adapter else None
     for key in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
-        components[key].requires_grad_(False)
-        components[key].eval()
+        if components.get(key) is not None:
+            components[key].requires_grad_(False)
+            components[key].eval()
     shape = {**SDXL_RESAMPLER, **(resampler or {})}
     cfg = {
         "dim": shape["dim"],
@@ -227,14 +236,14 @@ def assemble_models(
         "dim_head": shape["dim_head"],
         "heads": shape["heads"],
         "num_queries": num_ip_tokens,
-        "embedding_dim": int(image_encoder.config.hidden_size),
+        "embedding_dim": int(image_encoder.config.hidden_size) if image_encoder is not None else 0,
         "output_dim": int(unet.config.cross_attention_dim),
         "ff_mult": shape["ff_mult"],
     }
     dev = unet.conv_in.weight.device
     with _rng_scope(dev), dev:
         torch.manual_seed(seed + 5)
-        image_proj = Resampler(**cfg).float()
+        image_proj = Resampler(**cfg).float() if image_encoder is not None else None
         ip_unet = IPAdapterUNet(
             unet,
             image_proj,
@@ -242,7 +251,9 @@ def assemble_models(
             attention_backend=attention_backend,
             xformers_fallback=xformers_fallback,
             ip_scale=ip_scale,
+            train_unet=train_unet,
             reference=reference,
+            train_adapter=train_adapter,
         )
     ip_unet.eval()
     if gradient_checkpointing:
@@ -251,9 +262,9 @@ def assemble_models(
         ip_unet=ip_unet,
         vae=components["vae"],
         text_encoder=components["text_encoder"],
-        text_encoder_2=components["text_encoder_2"],
+        text_encoder_2=components.get("text_encoder_2"),
         tokenizer=components["tokenizer"],
-        tokenizer_2=components["tokenizer_2"],
+        tokenizer_2=components.get("tokenizer_2"),
         image_encoder=image_encoder,
         noise_scheduler=components["scheduler"],
         image_mean=CLIP_IMAGE_MEAN,

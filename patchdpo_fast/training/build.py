@@ -24,6 +24,10 @@ def build_models(cfg: TrainConfig, env: DistEnv) -> Any:
     from patchdpo_fast.models import build_models as build
 
     m = cfg.model
+    if not m.tiny and m.base_architecture != "auto":  # a contradicting setting is refused before any weight loads
+        from patchdpo_fast.training.memory import resolve_architecture
+
+        resolve_architecture(cfg)
     return build(
         tiny=m.tiny,
         seed=m.tiny_seed,

@@ -1,9 +1,10 @@
 """Per-GPU memory of a PatchDPO training run, for every ``model.trainable`` mode, world size and DeepSpeed ZeRO stage.
 
-``patchdpo estimate-memory --config CFG [--world-size N] [--zero-stage S] [--offload optimizer|param|none]`` (also
-``python -m patchdpo_fast.training.memory``) prints, per GPU, the weights (trainable and frozen, by dtype), the
-gradients, the optimizer (master weights, AdamW or 8-bit AdamW states), the DPO reference, the EMA copy, the
-activations of one step and the total, and what CPU offload moves to host memory. From Python::
+``patchdpo estimate-memory --config CFG [--world-size N] [--zero-stage S] [--offload optimizer|param|none]
+[--architecture sdxl|sd15]`` (also ``python -m patchdpo_fast.training.memory``) prints, per GPU, the weights
+(trainable and frozen, by dtype), the gradients, the optimizer (master weights, AdamW or 8-bit AdamW states), the DPO
+reference, the EMA copy, the activations of one step and the total, and what CPU offload moves to host memory. From
+Python::
 
     from patchdpo_fast.config import load_config
     from patchdpo_fast.training.memory import estimate_memory
@@ -16,8 +17,11 @@ The formula (every term with its bytes per parameter) is in ``docs/memory.md``. 
 
 * The configured models are built on PyTorch's ``meta`` device (shapes and dtypes, no weights, no memory) in the
   configured mode (the LoRA put on, the UNet in fp32 when it trains in full), and their parameters are counted
-  tensor by tensor (:class:`TensorCensus`). The trainer's start-up plan (:func:`startup_plan`) counts the real models'
-  tensors instead, and builds nothing on the device.
+  tensor by tensor (:class:`TensorCensus`). The base model is the configured architecture
+  (:func:`resolve_architecture`): the tiny one, the ``config.json`` files of ``model.pretrained_path``, or the
+  built-in SDXL / SD1.5 that ``model.base_architecture`` (``--architecture``) names before the folder exists; an
+  IP-Adapter-Plus of that UNet's layout, or none with ``model.use_ip_adapter: false``. The trainer's start-up plan
+  (:func:`startup_plan`) counts the real models' tensors instead, and builds nothing on the device.
 * The sharing across ranks (:class:`Parallelism`) is arithmetic on those counts: what DeepSpeed ZeRO-1/2/3 divides by
   the world size, what it casts to the training precision, which fp32 copies it keeps, what offload moves to the
   CPU. Optimizer states come from the configured optimizer itself, created on ``meta`` copies of the tensors it
@@ -35,10 +39,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,10 +59,12 @@ if TYPE_CHECKING:
     from patchdpo_fast.models import PatchDPOModels
 
 __all__ = [
+    "BASE_ARCHITECTURES",
     "OFFLOAD_CHOICES",
     "AllocationTracker",
     "MemoryItem",
     "MemoryPlan",
+    "ModelArchitecture",
     "Parallelism",
     "TensorCensus",
     "activation_bytes",
@@ -67,6 +75,7 @@ __all__ = [
     "optimizer_state_bytes",
     "parallelism_from_config",
     "plan_from_census",
+    "resolve_architecture",
     "startup_plan",
     "tensor_bytes",
 ]
@@ -285,8 +294,9 @@ class MemoryPlan:
     def summary(self) -> str:
         """A compact multi-line table for the training log (GiB per GPU)."""
         s = self.settings
+        model = f"; {s['model']}" if s.get("model") else ""
         head = (f"memory plan per GPU ({s.get('trainable')}, {s.get('loss')}, {s.get('parallel')}, "
-                f"{s.get('optimizer')}, precision {s.get('mixed_precision')}):")  # fmt: skip
+                f"{s.get('optimizer')}, precision {s.get('mixed_precision')}{model}):")  # fmt: skip
         width = max(len(i.name) for i in self.items)
         rows = [head]
         for item in self.items:
@@ -495,6 +505,7 @@ class TensorCensus:
         encoders: VAE, text encoders and image encoder (released once the input cache is built).
         trains: what trains, in words.
         lora_numel: elements of the UNet LoRA (0 without one).
+        encoder_names: what ``encoders`` holds, in words (``VAE``, ``text encoder``, ...; empty: not said).
     """
 
     trainable: list[Entry]
@@ -504,6 +515,7 @@ class TensorCensus:
     encoders: list[Entry] = field(default_factory=list)
     trains: str = ""
     lora_numel: int = 0
+    encoder_names: tuple[str, ...] = ()
 
     @property
     def trainable_numel(self) -> int:
@@ -539,14 +551,21 @@ def census_of_models(
     trainable = _entries([(n, p) for n, p in named if p.requires_grad], True, seen)
     reference = _entries([(n, p) for n, p in named if id(p) in ref_ids], True, seen)
     frozen = _entries(named, True, seen) + _entries(ip_unet.named_buffers(), False, seen)
-    encoders = [m for m in (models.vae, models.text_encoder, models.text_encoder_2, models.image_encoder) if m]
+    named_encoders = [("VAE", models.vae), ("text encoder", models.text_encoder),
+                      ("text encoder 2", models.text_encoder_2), ("image encoder", models.image_encoder)]  # fmt: skip
+    encoders = [m for _, m in named_encoders if m is not None]
     enc = [e for m in encoders for e in census_of_module(m)]
+    names = [n for n, m in named_encoders if m is not None]
+    if "text encoder 2" in names:
+        names = [n for n in names if n != "text encoder 2"]
+        names[names.index("text encoder")] = "2 text encoders"
     lora = sum(p.numel() for _, p in ip_unet.unet_lora_parameters()) if hasattr(ip_unet, "unet_lora_parameters") else 0
     if trains is None:
         parts = []
-        if getattr(ip_unet, "train_adapter", True) and any(p.requires_grad for p in ip_unet.image_proj.parameters()):
+        adapter = getattr(ip_unet, "train_adapter", True) and ip_unet.image_proj is not None
+        if adapter and any(p.requires_grad for p in ip_unet.image_proj.parameters()):
             parts.append("IP K/V + resampler")
-        elif getattr(ip_unet, "train_adapter", True):
+        elif adapter:
             parts.append("IP K/V")
         if getattr(ip_unet, "train_unet", False):
             parts.append("UNet")
@@ -554,7 +573,7 @@ def census_of_models(
             parts.append("UNet LoRA")
         trains = " + ".join(parts) or "nothing"
     ref_model = census_of_module(reference_model) if reference_model is not None else None
-    return TensorCensus(trainable, frozen, reference, ref_model, enc, trains, lora)
+    return TensorCensus(trainable, frozen, reference, ref_model, enc, trains, lora, tuple(names))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -590,9 +609,12 @@ def _place(entries: Sequence[Entry], par: Parallelism, cast: bool = True) -> tup
     return device, host, by_dtype
 
 
-def _by_dtype(entries: Sequence[Entry], by_dtype: dict[str, int]) -> str:
+def _by_dtype(entries: Sequence[Entry], by_dtype: dict[str, int], lp: torch.dtype | None = None) -> str:
+    """Elements per dtype as placed (floating parameters counted in ``lp`` when DeepSpeed casts them to it)."""
     numel: dict[str, int] = {}
-    for n, dtype, _ in entries:
+    for n, dtype, is_param in entries:
+        if is_param and lp is not None and dtype.is_floating_point:
+            dtype = lp
         numel[_dtype_name(dtype)] = numel.get(_dtype_name(dtype), 0) + n
     return " + ".join(f"{_params(numel[d]) if d in numel else ''} {d}".strip() for d in by_dtype if by_dtype[d])
 
@@ -637,18 +659,19 @@ def plan_from_census(
 
     # weights
     dev, host, by = _place(census.trainable, par)
-    items.append(MemoryItem("trainable weights", dev, f"{census.trains}: {_by_dtype(census.trainable, by) or '0'}"
+    items.append(MemoryItem("trainable weights", dev, f"{census.trains}: {_by_dtype(census.trainable, by, lp) or '0'}"
                             f"{'' if stage != 3 else ', ZeRO-3 partitioned'}", "weights", host_bytes=host))  # fmt: skip
     dev, host, by = _place(census.frozen, par)
     frozen_numel = sum(e[0] for e in census.frozen)
-    detail = _by_dtype(census.frozen, by) if frozen_numel else "none"
+    detail = _by_dtype(census.frozen, by, lp) if frozen_numel else "none"
     if stage == 3 and frozen_numel:
         detail += ", ZeRO-3 partitioned"
     items.append(MemoryItem("frozen weights", dev, detail, "weights", host_bytes=host))
     enc = sum(numel * dtype.itemsize for numel, dtype, _ in census.encoders)
     if census.encoders:
-        what = ("VAE + text encoders + image encoder; released once the input cache is built" if cache_enabled
-                else "VAE + text encoders + image encoder, run every step (no input cache)")  # fmt: skip
+        which = " + ".join(census.encoder_names) or "VAE + text encoders + image encoder"
+        what = (f"{which}; released once the input cache is built" if cache_enabled
+                else f"{which}, run every step (no input cache)")  # fmt: skip
         items.append(MemoryItem("encoders", enc, what, "weights", resident=not cache_enabled))
 
     # gradients
@@ -720,14 +743,16 @@ def plan_from_census(
         if stage == 3:
             dev, host, by = _place(census.reference_model, par)
             detail = "frozen copy of the initial UNet + adapter, ZeRO-3 partitioned (DeepSpeed inference engine)"
+            ref_lp = lp
         else:
             dev, host, by = _place(census.reference_model, Parallelism(world_size=n), cast=False)
             detail = "frozen copy of the initial UNet + adapter, whole on every rank"
-        detail += f": {_by_dtype(census.reference_model, by)}"
+            ref_lp = None
+        detail += f": {_by_dtype(census.reference_model, by, ref_lp)}"
         items.append(MemoryItem("DPO reference", dev, detail, "reference", host_bytes=host))
     elif census.reference_adapter:
         dev, host, by = _place(census.reference_adapter, par)
-        detail = f"frozen copy of the initial adapter: {_by_dtype(census.reference_adapter, by)}"
+        detail = f"frozen copy of the initial adapter: {_by_dtype(census.reference_adapter, by, lp)}"
         items.append(MemoryItem("DPO reference", dev, detail, "reference", host_bytes=host))
     else:
         uses_reference = bool((settings or {}).get("uses_reference", True))
@@ -835,20 +860,26 @@ def _step_inputs(models: PatchDPOModels, images: int, resolution: int, feature_d
     unet, dev = models.unet, models.device
     cfg = unet.config
     latent = resolution // 8
-    pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
-    proj = models.image_proj.config
-    if models.image_encoder is not None:
-        enc = models.image_encoder.config
-        tokens = (int(enc.image_size) // int(enc.patch_size)) ** 2 + 1
-    else:  # released: IP-Adapter-Plus SDXL's ViT-H/14 at 224 px
-        tokens = 257
+    pooled = time_ids = image_features = None
+    if models.added_conditioning:  # SDXL-class: pooled text embedding + 6 micro-conditioning values
+        pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        pooled = torch.zeros(images, pooled_dim, dtype=feature_dtype, device=dev)
+        time_ids = torch.zeros(images, 6, device=dev)
+    if models.image_proj is not None:  # with an IP-Adapter: the image encoder's penultimate hidden states
+        if models.image_encoder is not None:
+            enc = models.image_encoder.config
+            tokens = (int(enc.image_size) // int(enc.patch_size)) ** 2 + 1
+        else:  # released: IP-Adapter-Plus's ViT-H/14 at 224 px
+            tokens = 257
+        width = int(models.image_proj.config["embedding_dim"])
+        image_features = torch.zeros(images, tokens, width, dtype=feature_dtype, device=dev)
     return (
         torch.zeros(images, int(cfg.in_channels), latent, latent, device=dev),
         torch.zeros(images, dtype=torch.long, device=dev),
         torch.zeros(images, 77, int(cfg.cross_attention_dim), dtype=feature_dtype, device=dev),
-        torch.zeros(images, pooled_dim, dtype=feature_dtype, device=dev),
-        torch.zeros(images, 6, device=dev),
-        torch.zeros(images, tokens, int(proj["embedding_dim"]), dtype=feature_dtype, device=dev),
+        pooled,
+        time_ids,
+        image_features,
     )
 
 
@@ -961,42 +992,246 @@ def _activation_twin(models: PatchDPOModels, par: Parallelism) -> PatchDPOModels
     return dataclasses.replace(models, ip_unet=_meta_twin(models.ip_unet, lp))
 
 
-def _meta_models(cfg: TrainConfig) -> PatchDPOModels:
+def _meta_models(cfg: TrainConfig, architecture: str | None = None) -> PatchDPOModels:
     """The configured models built on the ``meta`` device in the configured ``model.trainable`` mode.
 
-    Shapes and dtypes only, no weights read: the tiny architecture or the SDXL base architecture; the UNet in fp32
-    when it trains in full (as ``build_models`` keeps it), the LoRA put on for the LoRA modes, the in-module
-    reference adapter when the mode and loss need one.
+    Shapes and dtypes only, no weights read: the architecture :func:`resolve_architecture` finds (tiny, the
+    pretrained folder's configs, or a built-in SDXL / SD1.5); the UNet in fp32 when it trains in full (as
+    ``build_models`` keeps it), the LoRA put on for the LoRA modes, the in-module reference adapter when the mode
+    and loss need one, no IP-Adapter with ``model.use_ip_adapter: false``.
     """
-    return configured_models(cfg, "meta")
+    return configured_models(cfg, "meta", architecture=architecture)
 
 
-def configured_models(cfg: TrainConfig, device: str | torch.device = "meta", *, lora: bool = True) -> PatchDPOModels:
+#: ``model.base_architecture`` / ``estimate-memory --architecture`` values (besides ``auto``): the built-in base
+#: architectures a plan can use while ``model.pretrained_path`` does not exist yet
+BASE_ARCHITECTURES: tuple[str, ...] = ("sdxl", "sd15")
+_FAMILY = {"sdxl": "SDXL", "sd15": "SD1.5"}
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    """Which base model a plan builds, and where its shapes come from (:func:`resolve_architecture`).
+
+    Attributes:
+        family: ``sdxl`` (SDXL-class UNet: two text encoders, pooled text + time ids) or ``sd15`` (SD1.5-class: one
+            text encoder, no added conditioning).
+        source: ``tiny`` (``model.tiny_architecture``), ``folder`` (the ``config.json`` files of
+            ``model.pretrained_path``), ``builtin`` (SDXL base 1.0 / SD1.5 at their real sizes, chosen by
+            ``model.base_architecture`` or ``--architecture``) or ``assumed`` (built-in SDXL, nothing said which).
+        ip_adapter: an IP-Adapter-Plus (image encoder, resampler, IP K/V) is built (``model.use_ip_adapter``).
+        folder: the pretrained folder read (``source == "folder"``).
+        image_encoder_folder: the image encoder folder whose ``config.json`` is read (None: the built-in ViT-H/14).
+    """
+
+    family: str
+    source: str
+    ip_adapter: bool = True
+    folder: Path | None = None
+    image_encoder_folder: Path | None = None
+
+    @property
+    def assumed(self) -> bool:
+        """Nothing said which base model: the built-in SDXL architecture was assumed."""
+        return self.source == "assumed"
+
+    def describe(self) -> str:
+        """E.g. ``SD1.5-class + IP-Adapter-Plus (built-in, model.base_architecture)``, ``tiny sd15, no IP-Adapter``."""
+        name = f"tiny {self.family}" if self.source == "tiny" else f"{_FAMILY[self.family]}-class"
+        name += " + IP-Adapter-Plus" if self.ip_adapter else ", no IP-Adapter"
+        where = {
+            "tiny": "",
+            "folder": f" (configs of {self.folder})",
+            "builtin": f" (built-in {_FAMILY[self.family]} architecture)",
+            "assumed": " (ASSUMED: built-in SDXL architecture)",
+        }[self.source]
+        return name + where
+
+    def note(self) -> str | None:
+        """What the output must say about the architecture (None when it was read or chosen explicitly)."""
+        if self.source != "assumed":
+            return None
+        return ("architecture assumed: SDXL base 1.0 (model.pretrained_path does not exist and neither "
+                "model.base_architecture nor --architecture says sdxl or sd15); set one of them to plan another base "
+                "model")  # fmt: skip
+
+
+def _check_architecture_choice(value: object, what: str) -> str:
+    choice = str(value).strip().lower()
+    if choice not in ("auto", *BASE_ARCHITECTURES):
+        raise ValueError(f"unknown base architecture {value!r} ({what}); choose one of "
+                         f"{', '.join(BASE_ARCHITECTURES)} or auto (read from model.pretrained_path)")  # fmt: skip
+    return choice
+
+
+def _folder_family(unet_config: dict[str, Any], where: Path) -> str:
+    kind = unet_config.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise ValueError(f"{where}: UNet addition_embed_type={kind!r} is not supported: SDXL-class UNets use "
+                         "'text_time' (pooled text + time ids), SD1.5/SD2-class UNets none")  # fmt: skip
+    return "sdxl" if kind == "text_time" else "sd15"
+
+
+def resolve_architecture(cfg: TrainConfig, architecture: str | None = None) -> ModelArchitecture:
+    """The base model the plan of ``cfg`` builds, found as documented (never guessed from a path's name).
+
+    * ``model.tiny``: the tiny architecture ``model.tiny_architecture`` (``architecture`` must be None or ``auto``);
+    * ``model.pretrained_path`` exists: its ``unet/config.json`` decides the family (``addition_embed_type:
+      text_time`` = SDXL-class, none = SD1.5-class), and the models are built from its ``config.json`` files;
+      a ``model.base_architecture`` / ``architecture`` naming the other family is an error;
+    * the folder does not exist (planning before downloading): the built-in architecture ``architecture`` (the
+      ``--architecture`` flag) or else ``model.base_architecture`` names; ``auto`` assumes SDXL base 1.0, and the
+      result says so (:attr:`ModelArchitecture.assumed`, :meth:`ModelArchitecture.note`).
+
+    The image encoder (with ``model.use_ip_adapter``) comes from ``model.image_encoder_path/config.json`` when that
+    exists, else it is the built-in OpenCLIP ViT-H/14 of IP-Adapter-Plus (both families).
+
+    Raises:
+        ValueError: an unknown architecture, one given for the tiny model, a folder without ``unet/config.json``,
+            or a folder whose UNet is of the other family than the one asked for.
+    """
+    m = cfg.model
+    choice = _check_architecture_choice(m.base_architecture, "model.base_architecture")
+    if architecture is not None:
+        choice = _check_architecture_choice(architecture, "--architecture")
+    if m.tiny:
+        if choice != "auto":
+            raise ValueError(f"base architecture {choice!r} given for the tiny model: model.tiny_architecture "
+                             f"({m.tiny_architecture}) chooses the tiny model's; --architecture / "
+                             "model.base_architecture apply to model.tiny: false")  # fmt: skip
+        return ModelArchitecture(m.tiny_architecture, "tiny", m.use_ip_adapter)
+    image_folder = None
+    if m.use_ip_adapter and m.image_encoder_path is not None and (Path(m.image_encoder_path) / "config.json").is_file():
+        image_folder = Path(m.image_encoder_path)
+    folder = Path(m.pretrained_path) if m.pretrained_path is not None else None
+    if folder is not None and folder.exists():
+        unet_json = folder / "unet" / "config.json"
+        if not unet_json.is_file():
+            raise ValueError(f"model.pretrained_path {folder} has no unet/config.json: not a diffusers base-model "
+                             "folder (the plan reads the architecture from it)")  # fmt: skip
+        family = _folder_family(json.loads(unet_json.read_text(encoding="utf-8")), unet_json)
+        if choice not in ("auto", family):
+            layout = "addition_embed_type text_time" if family == "sdxl" else "no added conditioning"
+            raise ValueError(f"base architecture {choice} asked for, but {unet_json} is an {_FAMILY[family]}-class "
+                             f"UNet ({layout}): the folder's UNet decides; drop model.base_architecture / "
+                             "--architecture or fix model.pretrained_path")  # fmt: skip
+        return ModelArchitecture(family, "folder", m.use_ip_adapter, folder, image_folder)
+    if choice == "auto":
+        return ModelArchitecture("sdxl", "assumed", m.use_ip_adapter, None, image_folder)
+    return ModelArchitecture(choice, "builtin", m.use_ip_adapter, None, image_folder)
+
+
+def _folder_components(folder: Path, device: str | torch.device) -> dict[str, Any]:
+    """The base model of a local diffusers folder built from its ``config.json`` files on ``device`` (no weights)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from patchdpo_fast.models.pixel_space import PixelSpaceAutoencoder, is_pixel_space_folder
+    from patchdpo_fast.models.tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer
+
+    def need(sub: str) -> Path:
+        path = folder / sub
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.pretrained_path {folder}: {sub}/config.json not found (the plan builds the "
+                             f"{sub} from it; no weights are read)")  # fmt: skip
+        return path
+
+    unet_cfg = UNet2DConditionModel.load_config(need("unet"))
+    sdxl = _folder_family(dict(unet_cfg), folder / "unet" / "config.json") == "sdxl"
+    vae_dir = need("vae")
+    text_cfg = CLIPTextConfig.from_pretrained(need("text_encoder"), local_files_only=True)
+    text_cfg_2 = CLIPTextConfig.from_pretrained(need("text_encoder_2"), local_files_only=True) if sdxl else None
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        if is_pixel_space_folder(vae_dir):
+            vae = PixelSpaceAutoencoder.from_config(PixelSpaceAutoencoder.load_config(vae_dir))
+        else:
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(vae_dir))
+        text_encoder = CLIPTextModel(text_cfg)
+        text_encoder_2 = CLIPTextModelWithProjection(text_cfg_2) if text_cfg_2 is not None else None
+    scheduler_dir = folder / "scheduler"
+    scheduler_cfg = DDPMScheduler.load_config(scheduler_dir) if (scheduler_dir / "scheduler_config.json").is_file() \
+        else SDXL_DDPM_CONFIG  # fmt: skip
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": build_tiny_tokenizer(),  # only the 77-token length matters for memory
+        "tokenizer_2": build_tiny_tokenizer() if sdxl else None,
+        "scheduler": DDPMScheduler.from_config(scheduler_cfg),
+    }
+
+
+def _image_encoder(arch: ModelArchitecture, device: str | torch.device) -> torch.nn.Module:
+    """The IP-Adapter-Plus image encoder of a pretrained architecture: the folder's config, or ViT-H/14."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from patchdpo_fast.models.sd15_config import SD15_IMAGE_ENCODER
+    from patchdpo_fast.models.sdxl_config import SDXL_IMAGE_ENCODER
+
+    if arch.image_encoder_folder is not None:
+        config = CLIPVisionConfig.from_pretrained(arch.image_encoder_folder, local_files_only=True)
+    else:
+        config = CLIPVisionConfig(**(SD15_IMAGE_ENCODER if arch.family == "sd15" else SDXL_IMAGE_ENCODER))
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        return CLIPVisionModelWithProjection(config).eval()
+
+
+def configured_models(
+    cfg: TrainConfig,
+    device: str | torch.device = "meta",
+    *,
+    lora: bool = True,
+    architecture: str | None = None,
+) -> PatchDPOModels:
     """The models of ``cfg`` in its ``model.trainable`` mode with random weights on ``device`` (``meta``: shapes only).
+
+    The base model is the one :func:`resolve_architecture` finds (``architecture``: as ``--architecture``): the
+    tiny one of ``model.tiny_architecture``, the ``config.json`` files of an existing ``model.pretrained_path``, or
+    a built-in SDXL / SD1.5 architecture; the IP-Adapter-Plus resampler has the layout ``build_models`` gives that
+    UNet (:func:`~patchdpo_fast.models.build.default_resampler_config`: SDXL 1280 wide with 20 heads, SD1.5 768
+    with 12), and ``model.use_ip_adapter: false`` builds no image encoder, resampler or IP layers.
 
     What the plan counts, built for real elsewhere too: ``benchmarks/gpu_memory_check.py`` runs one training step of
     these models on a GPU to compare the plan with the allocator. ``lora=False`` leaves the LoRA off (the caller puts
     it on with :func:`~patchdpo_fast.training.trainable.setup_trainable`, as the trainer does).
     """
-    from patchdpo_fast.models.sdxl_config import SDXL_RESAMPLER, assemble_models, build_sdxl_components
-    from patchdpo_fast.models.tiny import TINY_RESAMPLER, build_tiny_components
+    from patchdpo_fast.models.build import default_resampler_config
+    from patchdpo_fast.models.sd15_config import build_sd15_components
+    from patchdpo_fast.models.sdxl_config import assemble_models, build_sdxl_components
+    from patchdpo_fast.models.tiny import build_tiny_components
     from patchdpo_fast.training.trainable import TrainableMode
 
+    arch = resolve_architecture(cfg, architecture)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
     m = cfg.model
     mode = TrainableMode.from_config(m)
     kwargs = mode.build_kwargs(cfg.loss.uses_reference_model)
-    if m.tiny:
+    if arch.source == "tiny":
         with torch.device(device):
-            components = build_tiny_components(m.tiny_seed)
-        for name in ("unet", "text_encoder", "text_encoder_2", "image_encoder"):
+            components = build_tiny_components(m.tiny_seed, arch.family)
+        components.setdefault("text_encoder_2", None)
+        components.setdefault("tokenizer_2", None)
+    elif arch.source == "folder":
+        components = _folder_components(arch.folder, device)
+        components["image_encoder"] = _image_encoder(arch, device) if arch.ip_adapter else None
+    elif arch.family == "sd15":
+        components = build_sd15_components(device)
+    else:  # SDXL base 1.0 (built-in, or assumed and said so)
+        components = build_sdxl_components(device)
+    if arch.source in ("builtin", "assumed") and arch.image_encoder_folder is not None:
+        components["image_encoder"] = _image_encoder(arch, device)  # the configured encoder's shape
+    if not arch.ip_adapter:
+        components["image_encoder"] = None
+    for name in ("unet", "text_encoder", "text_encoder_2", "image_encoder"):  # the frozen weights' dtype
+        if components.get(name) is not None:
             components[name].to(dtype)
-        resampler = TINY_RESAMPLER
-    else:  # the SDXL base architecture (what pretrained_path holds for the paper's recipe)
-        components = build_sdxl_components(device, dtype)
-        resampler = SDXL_RESAMPLER
     if kwargs["train_unet"]:
         components["unet"].to(torch.float32)  # trainable master weights, as build_models keeps them
+    image_encoder = components["image_encoder"]
+    embed_dim = int(image_encoder.config.hidden_size) if image_encoder is not None else 0
+    resampler = default_resampler_config(components["unet"], embed_dim, m.num_ip_tokens, tiny=m.tiny)
     backend = "sdpa" if m.attention_backend == "xformers" else m.attention_backend  # same memory class
     models = assemble_models(
         components,
@@ -1006,17 +1241,17 @@ def configured_models(cfg: TrainConfig, device: str | torch.device = "meta", *, 
         attention_backend=backend,
         ip_scale=m.ip_scale,
         num_ip_tokens=m.num_ip_tokens,
-        resampler=dict(resampler),
+        resampler=resampler,
         gradient_checkpointing=m.gradient_checkpointing,
         reference=kwargs["reference"],
+        train_unet=kwargs["train_unet"],
+        train_adapter=kwargs["train_adapter"],
+        use_ip_adapter=arch.ip_adapter,
     )
-    ip_unet = models.ip_unet
-    ip_unet.train_unet = kwargs["train_unet"]
-    ip_unet.train_adapter = kwargs["train_adapter"]
-    ip_unet._set_trainable()
     if lora and mode.unet == "lora":
         cfg_lora = m.lora
-        ip_unet.add_unet_lora(cfg_lora.rank, cfg_lora.effective_alpha, list(cfg_lora.target_modules), cfg_lora.dropout)
+        models.ip_unet.add_unet_lora(cfg_lora.rank, cfg_lora.effective_alpha, list(cfg_lora.target_modules),
+                                     cfg_lora.dropout)  # fmt: skip
     return models
 
 
@@ -1031,14 +1266,58 @@ def _reference_census(cfg: TrainConfig, models: PatchDPOModels) -> list[Entry] |
     return [(n, dtype if d.is_floating_point else d, p) for n, d, p in census_of_module(models.ip_unet)]
 
 
-def _config_settings(cfg: TrainConfig) -> dict[str, Any]:
+def component_parameters(models: PatchDPOModels) -> dict[str, int]:
+    """Parameters of each component of a built bundle (meta or real), by name.
+
+    ``unet``: the base UNet alone (without the IP layers or a LoRA); ``text_encoder``, ``text_encoder_2``, ``vae``,
+    ``image_encoder`` when present (not released); ``ip_adapter``: the policy adapter (resampler + IP K/V, without
+    the frozen reference copy); ``unet_lora`` with a LoRA.
+    """
+    ip_unet = models.ip_unet
+    out = {"unet": sum(p.numel() for n, p in models.unet.named_parameters()
+                       if ".processor." not in n and "lora_" not in n)}  # fmt: skip
+    for name in ("text_encoder", "text_encoder_2", "vae", "image_encoder"):
+        module = getattr(models, name)
+        if module is not None:
+            out[name] = sum(p.numel() for p in module.parameters())
+    if ip_unet.image_proj is not None:
+        ref_ids = {id(p) for p in ip_unet.reference_parameters()} if ip_unet.has_reference else set()
+        adapter = [*ip_unet.image_proj.parameters()]
+        adapter += [p for proc in ip_unet.ip_processors.values() for p in proc.parameters() if id(p) not in ref_ids]
+        out["ip_adapter"] = sum(p.numel() for p in adapter)
+    if hasattr(ip_unet, "unet_lora_parameters"):
+        lora = sum(p.numel() for _, p in ip_unet.unet_lora_parameters())
+        if lora:
+            out["unet_lora"] = lora
+    return out
+
+
+_COMPONENT_NAMES = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE",
+                    "image_encoder": "image encoder", "ip_adapter": "IP-Adapter", "unet_lora": "LoRA"}  # fmt: skip
+
+
+def _parameters_line(params: dict[str, int]) -> str:
+    return ", ".join(f"{_COMPONENT_NAMES.get(k, k)} {v / 1e6:.2f} M" for k, v in params.items())
+
+
+def _config_settings(cfg: TrainConfig, models: PatchDPOModels, arch: ModelArchitecture | None = None) -> dict[str, Any]:
+    """What a plan records about the run: mode, loss, and the model (``arch``, or read from the built ``models``)."""
     from patchdpo_fast.training.trainable import TrainableMode
 
+    if arch is None:  # the trainer's real models: the UNet's config says the family
+        family = "sdxl" if models.added_conditioning else "sd15"
+        source = "tiny" if cfg.model.tiny else "folder"
+        folder = None if cfg.model.tiny else cfg.model.pretrained_path
+        arch = ModelArchitecture(family, source, models.ip_unet.has_ip_adapter, folder)
     return {
         "trainable": TrainableMode.from_config(cfg.model).name,
         "loss": cfg.loss.type,
         "uses_reference": bool(cfg.loss.uses_reference_model),
-        "model": "tiny" if cfg.model.tiny else "SDXL",
+        "model": arch.describe(),
+        "architecture": arch.family,
+        "architecture_source": arch.source,
+        "ip_adapter": arch.ip_adapter,
+        "parameters": component_parameters(models),
     }
 
 
@@ -1049,13 +1328,18 @@ def estimate_memory(
     zero_stage: int | None = None,
     offload: str | None = None,
     activations: bool = True,
+    architecture: str | None = None,
 ) -> MemoryPlan:
     """Per-GPU memory of the run ``cfg`` describes, without building anything on a device or reading weights.
 
-    The models are built on ``meta`` in the configured ``model.trainable`` mode (``model.tiny: false`` is accounted
-    with the SDXL base architecture and the IP-Adapter-Plus SDXL resampler); the DPO reference is included exactly
-    when ``loss.type`` needs it (a frozen copy in ``model.reference_dtype`` for full finetuning, the frozen initial
-    adapter when the adapter trains, nothing for a LoRA).
+    The models are built on ``meta`` in the configured ``model.trainable`` mode, with the base architecture
+    :func:`resolve_architecture` finds: the tiny one (``model.tiny_architecture``), the ``config.json`` files of an
+    existing ``model.pretrained_path`` (its UNet's config decides SDXL- or SD1.5-class), or, before the folder is
+    downloaded, the built-in SDXL base 1.0 or SD1.5 that ``architecture`` / ``model.base_architecture`` names (SDXL
+    assumed otherwise, and the plan's notes say so). The IP-Adapter-Plus has the layout of that UNet (none with
+    ``model.use_ip_adapter: false``); the DPO reference is included exactly when ``loss.type`` needs it (a frozen
+    copy in ``model.reference_dtype`` for full finetuning, the frozen initial adapter when the adapter trains,
+    nothing for a LoRA).
 
     Args:
         cfg: the training config.
@@ -1063,16 +1347,19 @@ def estimate_memory(
         zero_stage: DeepSpeed ZeRO stage 0-3; default: the config's DeepSpeed settings (none: no DeepSpeed).
         offload: ``none``, ``optimizer``, ``param`` or ``optimizer+param``; default: the config's.
         activations: measure the activations of one micro-batch (a ``meta`` forward, a second or two at SDXL).
+        architecture: ``sdxl`` / ``sd15`` / ``auto``, as ``--architecture``: overrides ``model.base_architecture``.
 
     Returns:
         The plan: ``plan.total_bytes``, ``weights_bytes``, ``gradients_bytes``, ``optimizer_bytes``,
         ``reference_bytes``, ``ema_bytes``, ``activations_bytes``, ``host_bytes``; ``plan.items`` line by line.
 
     Raises:
-        ValueError: bad ``world_size`` / ``zero_stage`` / ``offload`` or a combination the trainer refuses.
+        ValueError: bad ``world_size`` / ``zero_stage`` / ``offload`` or a combination the trainer refuses; an
+            unknown architecture, or one that contradicts ``model.pretrained_path`` (see :func:`resolve_architecture`).
     """
     par = parallelism_from_config(cfg, world_size, zero_stage, offload)
-    models = _meta_models(cfg)
+    arch = resolve_architecture(cfg, architecture)
+    models = _meta_models(cfg, architecture)
     census = census_of_models(models)
     census.reference_model = _reference_census(cfg, models)
     per_pair = None
@@ -1080,11 +1367,11 @@ def estimate_memory(
         feature_dtype = getattr(torch, cfg.cache.dtype) if cfg.cache.enabled else models.weight_dtype
         per_pair = activation_bytes(_activation_twin(models, par), 1, cfg.data.resolution, feature_dtype)
     settings = {
-        **_config_settings(cfg),
+        **_config_settings(cfg, models, arch),
         "attention_backend": models.ip_unet.attention_backend,
         "unet_dtype": _dtype_name(models.unet.conv_in.weight.dtype),
     }
-    return plan_from_census(
+    plan = plan_from_census(
         census,
         par,
         optimizer=cfg.optim.optimizer,
@@ -1096,6 +1383,9 @@ def estimate_memory(
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         settings=settings,
     )
+    if arch.note():
+        plan.notes.insert(0, arch.note())
+    return plan
 
 
 def startup_plan(
@@ -1131,7 +1421,7 @@ def startup_plan(
         pairs_per_batch=cfg.data.pairs_per_batch,
         resolution=cfg.data.resolution,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        settings=_config_settings(cfg),
+        settings=_config_settings(cfg, models),
     )
     if failed:
         plan.notes.insert(0, failed)
@@ -1177,10 +1467,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"DeepSpeed CPU offload: {', '.join(OFFLOAD_CHOICES)} (default: config)")  # fmt: skip
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="also account the config with these overrides, in another column")  # fmt: skip
+    parser.add_argument("--architecture", default=None, metavar="ARCH",
+                        help="base model while model.pretrained_path does not exist yet: sdxl (SDXL base 1.0) or sd15 "
+                        "(Stable Diffusion 1.5), or auto (default: model.base_architecture; an existing folder's "
+                        "UNet config decides)")  # fmt: skip
     parser.add_argument("--all-modes", action="store_true", help="a column per model.trainable mode")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     _parse_offload(args.offload)  # fail on a bad value before building anything
+    if args.architecture is not None:
+        _check_architecture_choice(args.architecture, "--architecture")
     if args.world_size is not None and args.world_size < 1:
         raise ValueError(f"--world-size must be a positive integer (number of GPUs), got {args.world_size}")
     variants: dict[str, list[str]] = {"as configured": []}
@@ -1191,16 +1487,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in variants.items():
         cfg = load_config(args.config, [*args.overrides, *extra], check_paths=False)  # ConfigError: one line
         plans[name] = estimate_memory(cfg, world_size=args.world_size, zero_stage=args.zero_stage,
-                                      offload=args.offload)  # fmt: skip
+                                      offload=args.offload, architecture=args.architecture)  # fmt: skip
     if args.json:
         import json
 
         print(json.dumps({name: plan.to_dict() for name, plan in plans.items()}, indent=2))
         return 0
+    models_seen: list[str] = []
+    for plan in plans.values():
+        s = plan.settings
+        line = f"model: {s['model']}: {_parameters_line(s['parameters'])} params"
+        if line not in models_seen:
+            models_seen.append(line)
+            print(line)
     for name, plan in plans.items():
         s = plan.settings
         per_pair = s.get("activation_bytes_per_pair", 0) / GIB
-        print(f"{name}: {s['model']} {s['trainable']} {s['loss']}, {s['parallel']}, precision "
+        print(f"{name}: {s['trainable']} {s['loss']}, {s['parallel']}, precision "
               f"{s['mixed_precision']}, {s['optimizer']}, {s['resolution']} px, {s['pairs_per_batch']} "
               f"pairs/micro-batch, gradient checkpointing {s['gradient_checkpointing']}, input cache "
               f"{s['cache_enabled']}, {per_pair:.3f} GiB activations/pair")  # fmt: skip
