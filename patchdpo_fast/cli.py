@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("patchdpo_fast.train", "train with PatchDPO / Diffusion-DPO: IP-Adapter, UNet LoRA or UNet (configs/)"),
     "estimate-memory": (
         "patchdpo_fast.training.memory",
-        "per-GPU memory plan of a config (--world-size, --zero-stage, --offload), built on meta",
+        "per-GPU memory plan of a config (--world-size, --zero-stage, --offload, --architecture), built on meta",
     ),
     "build-pairs": ("patchdpo_fast.data.build_pairs", "generate training pairs with the pre-trained model (manifest)"),
     "import-official": ("patchdpo_fast.data.import_official", "import the official PatchDPO pair layout"),

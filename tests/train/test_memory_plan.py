@@ -20,6 +20,7 @@ from patchdpo_fast.training.memory import GIB, AllocationTracker, compare_markdo
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 SDXL = REPO / "configs" / "sdxl_ipadapter_plus.yaml"
+SD15 = REPO / "configs" / "sd15_ipadapter_plus.yaml"
 MB = 1 << 20
 
 
@@ -158,3 +159,23 @@ def test_readme_zero3_unet_table_is_what_the_accounting_says():
         value = f"{item.bytes / GIB:.3f}"
         assert rows[item.name] == (value if item.resident else f"({value})"), item.name
     assert rows["**total**"] == f"**{plan.total_bytes / GIB:.3f}**"
+
+
+def test_readme_sd15_table_is_what_the_accounting_says():
+    """The README's SD1.5 table (configs/sd15_ipadapter_plus.yaml, 8 GPUs, ZeRO-2): estimate_memory of the built-in
+    SD1.5 architecture that the config's model.base_architecture names, column by column."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = text[text.index("<!-- memory-table-sd15 -->") :].splitlines()[1:]
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in lines[: next(
+        i for i, line in enumerate(lines) if not line.startswith("|"))]]  # fmt: skip
+    columns = table[0][1:]
+    assert columns == ["as configured", "loss.type=patch_dpo", "model.gradient_checkpointing=false"]
+    rows = {row[0]: row[1:] for row in table[2:]}
+    for i, column in enumerate(columns):
+        overrides = [] if column == "as configured" else [column]
+        plan = estimate_memory(load_config(SD15, overrides, check_paths=False), world_size=8)
+        assert plan.settings["model"] == "SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture)"
+        for item in plan.items:
+            value = f"{item.bytes / GIB:.3f}"
+            assert rows[item.name][i] == (value if item.resident else f"({value})"), (column, item.name)
+        assert rows["**total**"][i] == f"**{plan.total_bytes / GIB:.3f}**", column
