@@ -1436,6 +1436,9 @@ def log_startup_plan(cfg: TrainConfig, models: PatchDPOModels, world_size: int, 
         logger.warning("memory plan not available: %s: %s", type(exc).__name__, exc)
         return
     logger.info("%s", plan.summary())
+    for note in plan.notes:
+        if note.startswith("activations not measured"):  # the table goes without its activations line: say why
+            logger.warning("memory plan: %s", note)
 
 
 # ---------------------------------------------------------------------------------------------------------------
