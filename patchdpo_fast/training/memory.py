@@ -1018,7 +1018,8 @@ class ModelArchitecture:
             text encoder, no added conditioning).
         source: ``tiny`` (``model.tiny_architecture``), ``folder`` (the ``config.json`` files of
             ``model.pretrained_path``), ``builtin`` (SDXL base 1.0 / SD1.5 at their real sizes, chosen by
-            ``model.base_architecture`` or ``--architecture``) or ``assumed`` (built-in SDXL, nothing said which).
+            ``model.base_architecture`` or ``--architecture``), ``assumed`` (built-in SDXL, nothing said which) or
+            ``loaded`` (the trainer's real models, in the start-up plan).
         ip_adapter: an IP-Adapter-Plus (image encoder, resampler, IP K/V) is built (``model.use_ip_adapter``).
         folder: the pretrained folder read (``source == "folder"``).
         image_encoder_folder: the image encoder folder whose ``config.json`` is read (None: the built-in ViT-H/14).
@@ -1036,16 +1037,21 @@ class ModelArchitecture:
         return self.source == "assumed"
 
     def describe(self) -> str:
-        """E.g. ``SD1.5-class + IP-Adapter-Plus (built-in, model.base_architecture)``, ``tiny sd15, no IP-Adapter``."""
+        """E.g. ``SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture, built-in ViT-H/14 image encoder)``."""
         name = f"tiny {self.family}" if self.source == "tiny" else f"{_FAMILY[self.family]}-class"
         name += " + IP-Adapter-Plus" if self.ip_adapter else ", no IP-Adapter"
         where = {
-            "tiny": "",
-            "folder": f" (configs of {self.folder})",
-            "builtin": f" (built-in {_FAMILY[self.family]} architecture)",
-            "assumed": " (ASSUMED: built-in SDXL architecture)",
+            "tiny": [],
+            "loaded": [f"loaded from {self.folder}"],
+            "folder": [f"configs of {self.folder}"],
+            "builtin": [f"built-in {_FAMILY[self.family]} architecture"],
+            "assumed": ["ASSUMED: built-in SDXL architecture"],
         }[self.source]
-        return name + where
+        if self.ip_adapter and self.source != "tiny":
+            verb = "loaded from" if self.source == "loaded" else "configs of"
+            where.append(f"image encoder {verb} {self.image_encoder_folder}" if self.image_encoder_folder is not None
+                         else "built-in ViT-H/14 image encoder")  # fmt: skip
+        return name + (f" ({', '.join(where)})" if where else "")
 
     def note(self) -> str | None:
         """What the output must say about the architecture (None when it was read or chosen explicitly)."""
@@ -1306,9 +1312,10 @@ def _config_settings(cfg: TrainConfig, models: PatchDPOModels, arch: ModelArchit
 
     if arch is None:  # the trainer's real models: the UNet's config says the family
         family = "sdxl" if models.added_conditioning else "sd15"
-        source = "tiny" if cfg.model.tiny else "folder"
-        folder = None if cfg.model.tiny else cfg.model.pretrained_path
-        arch = ModelArchitecture(family, source, models.ip_unet.has_ip_adapter, folder)
+        m = cfg.model
+        images = m.image_encoder_path if models.ip_unet.has_ip_adapter else None
+        arch = ModelArchitecture(family, "tiny", models.ip_unet.has_ip_adapter) if m.tiny else \
+            ModelArchitecture(family, "loaded", models.ip_unet.has_ip_adapter, m.pretrained_path, images)  # fmt: skip
     return {
         "trainable": TrainableMode.from_config(cfg.model).name,
         "loss": cfg.loss.type,

@@ -171,7 +171,8 @@ def test_sd15_config_plans_sd15_at_its_real_size():
 def test_cli_reports_the_sd15_parameter_count(capsys):
     assert cli_main(["estimate-memory", "--config", str(SD15_CONFIG), "--world-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert "model: SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture): UNet 859.52 M" in out
+    head = "model: SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture, built-in ViT-H/14 image encoder): "
+    assert head + "UNet 859.52 M" in out
     assert "text encoder 123.06 M" in out and "text encoder 2" not in out and "8 GPUs, ZeRO-2" in out
 
 
@@ -223,7 +224,8 @@ def test_a_pretrained_folder_decides_from_its_config_files(tmp_path, architectur
     plan = estimate_memory(cfg)
     params = plan.settings["parameters"]
     assert {k: params[k] for k in counts} == counts
-    assert str(base) in plan.settings["model"] and not any("assumed" in n for n in plan.notes)
+    assert f"configs of {base}, image encoder configs of {image})" in plan.settings["model"]
+    assert not any("assumed" in n for n in plan.notes)
     other = "sdxl" if architecture == "sd15" else "sd15"
     with pytest.raises(ValueError, match=rf"base architecture {other} asked for, but .*unet.config\.json is an"):
         estimate_memory(cfg, architecture=other, activations=False)

@@ -174,7 +174,8 @@ def test_readme_sd15_table_is_what_the_accounting_says():
     for i, column in enumerate(columns):
         overrides = [] if column == "as configured" else [column]
         plan = estimate_memory(load_config(SD15, overrides, check_paths=False), world_size=8)
-        assert plan.settings["model"] == "SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture)"
+        model = "SD1.5-class + IP-Adapter-Plus (built-in SD1.5 architecture, built-in ViT-H/14 image encoder)"
+        assert plan.settings["model"] == model
         for item in plan.items:
             value = f"{item.bytes / GIB:.3f}"
             assert rows[item.name][i] == (value if item.resident else f"({value})"), (column, item.name)
