@@ -69,6 +69,7 @@ __all__ = [
     "TensorCensus",
     "activation_bytes",
     "compare_markdown",
+    "component_parameters",
     "configured_models",
     "estimate_memory",
     "memory_plan",
