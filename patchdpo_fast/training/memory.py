@@ -742,9 +742,10 @@ def plan_from_census(
     # the DPO reference
     if census.reference_model is not None:
         if stage == 3:
-            dev, host, by = _place(census.reference_model, par)
+            # the reference engine keeps model.reference_dtype (the census's dtypes), whatever the policy trains in
+            dev, host, by = _place(census.reference_model, par, cast=False)
             detail = "frozen copy of the initial UNet + adapter, ZeRO-3 partitioned (DeepSpeed inference engine)"
-            ref_lp = lp
+            ref_lp = None
         else:
             dev, host, by = _place(census.reference_model, Parallelism(world_size=n), cast=False)
             detail = "frozen copy of the initial UNet + adapter, whole on every rank"

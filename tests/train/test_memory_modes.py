@@ -171,10 +171,11 @@ def test_zero_3_bf16_partitions_weights_and_keeps_small_ones_whole():
 
 
 def test_zero_3_full_finetune_reference_is_partitioned_like_the_policy():
+    par3 = Parallelism(world_size=8, zero_stage=3, mixed_precision="bf16", persistence_threshold=0)
+    bf16 = TensorCensus(trainable=[(1000, FP32, True)], frozen=[], reference_model=[(1000, torch.bfloat16, True)])
+    assert plan_from_census(bf16, par3).reference_bytes == 2 * 125  # reference_dtype auto = bf16, 1/8 per rank
     census = TensorCensus(trainable=[(1000, FP32, True)], frozen=[], reference_model=[(1000, FP32, True)])
-    p = plan_from_census(census, Parallelism(world_size=8, zero_stage=3, mixed_precision="bf16",
-                                             persistence_threshold=0))  # fmt: skip
-    assert p.reference_bytes == 2 * 125  # cast to bf16 by the inference engine, 1/8 per rank
+    assert plan_from_census(census, par3).reference_bytes == 4 * 125  # reference_dtype fp32 is kept by the engine
     p2 = plan_from_census(census, Parallelism(world_size=8, zero_stage=2, mixed_precision="bf16"))
     assert p2.reference_bytes == 4 * 1000  # below stage 3: the plain frozen module, as built, on every rank
 
@@ -268,3 +269,13 @@ def test_startup_plan_is_logged(caplog):
         log_startup_plan(cfg, models, 1, trainable.reference)
     text = caplog.text
     assert "memory plan per GPU (unet_lora" in text and "activations (1 pairs)" in text and "total" in text
+
+
+def test_zero3_reference_is_counted_in_reference_dtype():
+    """Under ZeRO-3 the frozen reference engine keeps model.reference_dtype (not the policy's bf16)."""
+    opts = ("model.trainable=unet", "loss.type=patch_dpo", "train.mixed_precision=bf16")
+    auto = estimate_memory(_cfg(*opts), world_size=2, zero_stage=3, activations=False)
+    fp32 = estimate_memory(_cfg(*opts, "model.reference_dtype=fp32"), world_size=2, zero_stage=3, activations=False)
+    assert auto.reference_bytes > 0
+    assert fp32.reference_bytes == pytest.approx(2 * auto.reference_bytes, rel=0.02)  # buffers keep their dtype
+    assert fp32.weights_bytes == auto.weights_bytes  # the policy is bf16 either way
