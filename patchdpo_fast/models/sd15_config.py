@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from patchdpo_fast.models.sdxl_config import SDXL_IMAGE_ENCODER, SDXL_TEXT_ENCODER, SDXL_VAE
+
 __all__ = [
     "SD15_IMAGE_ENCODER",
     "SD15_NUM_IP_LAYERS",
@@ -62,50 +64,21 @@ SD15_NUM_IP_LAYERS = 16
 
 #: Stable Diffusion 1.5's text encoder: the CLIP ViT-L/14 text tower (``CLIPTextModel``); its last hidden state
 #: (768 wide) is the UNet's cross-attention input.
-SD15_TEXT_ENCODER: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-}
+SD15_TEXT_ENCODER: dict[str, Any] = dict(SDXL_TEXT_ENCODER)  # the same CLIP ViT-L/14 text tower as SDXL's first
 
 #: Parameters of :data:`SD15_TEXT_ENCODER`.
 SD15_TEXT_ENCODER_PARAMETERS = 123_060_480
 
 #: Stable Diffusion 1.5's VAE (``AutoencoderKL``, 8x downsampling, latent scaling factor 0.18215).
 SD15_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
+    **{k: v for k, v in SDXL_VAE.items() if k != "force_upcast"},  # the same AutoencoderKL layout as SDXL's
     "sample_size": 512,
     "scaling_factor": 0.18215,
 }
 
 #: ``ip-adapter-plus_sd15``'s image encoder: the OpenCLIP ViT-H/14 vision tower (``models/image_encoder`` of the
 #: IP-Adapter release, shared with the SDXL ``vit-h`` adapters): 224 px, 257 tokens of width 1280.
-SD15_IMAGE_ENCODER: dict[str, Any] = {
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 32,
-    "image_size": 224,
-    "patch_size": 14,
-    "num_channels": 3,
-    "projection_dim": 1024,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-}
+SD15_IMAGE_ENCODER: dict[str, Any] = dict(SDXL_IMAGE_ENCODER)  # the same ViT-H/14 vision tower
 
 #: ``ip-adapter-plus_sd15``'s Resampler: ``cross_attention_dim`` (768) wide, 12 heads of 64, depth 4 (what
 #: :func:`~patchdpo_fast.models.build.default_resampler_config` chooses for an SD1.5-class UNet).
