@@ -30,7 +30,6 @@ from typing import Any
 
 import bench_common as bc  # makes patchdpo_fast importable from an uninstalled checkout
 import torch
-from torch.utils import _pytree as pytree
 
 REPO = bc.REPO
 GIB = 1024**3
@@ -88,7 +87,7 @@ def _step_args(models, n: int, resolution: int, device: torch.device, dtype: tor
 def run_case(name: str, overrides: list[str], device: torch.device, dry: bool, tmp: Path) -> dict[str, Any]:
     from patchdpo_fast.training.build import build_engine
     from patchdpo_fast.training.distributed import DistEnv
-    from patchdpo_fast.training.memory import estimate_memory, tensor_bytes
+    from patchdpo_fast.training.memory import estimate_memory, held_bytes, tensor_bytes
     from patchdpo_fast.training.trainable import setup_trainable
 
     cfg = _config(overrides, dry, tmp)
@@ -119,15 +118,7 @@ def run_case(name: str, overrides: list[str], device: torch.device, dry: bool, t
     grads = tensor_bytes(p.grad for p in trainable_params if p.grad is not None)
     engine.step()
     del pred
-    ref_ids = {id(p) for p in ip_unet.reference_parameters()} if ip_unet.has_reference else set()
-    measured = {
-        "weights": tensor_bytes(t for t in (*ip_unet.parameters(), *ip_unet.buffers()) if id(t) not in ref_ids),
-        "gradients": grads,
-        "optimizer": tensor_bytes(pytree.tree_leaves(dict(engine.optimizer.state))),
-        "reference": tensor_bytes(p for p in ip_unet.parameters() if id(p) in ref_ids)
-        + (tensor_bytes((*trainable.reference.parameters(), *trainable.reference.buffers()))
-           if trainable.reference is not None else 0),
-    }  # fmt: skip
+    measured = {"gradients": grads, **held_bytes(ip_unet, engine.optimizer, trainable.reference)}
     row["measured"] = measured
     row["step_s"] = time.perf_counter() - t0
     if cuda:

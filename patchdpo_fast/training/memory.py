@@ -72,6 +72,7 @@ __all__ = [
     "component_parameters",
     "configured_models",
     "estimate_memory",
+    "held_bytes",
     "memory_plan",
     "optimizer_state_bytes",
     "parallelism_from_config",
@@ -93,6 +94,24 @@ _FP32 = torch.float32.itemsize
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
+
+
+def held_bytes(ip_unet: Any, optimizer: Any, reference_model: Any = None) -> dict[str, int]:
+    """What a built run really holds, per plan category: ``weights`` (the policy model's tensors but its in-module
+    reference adapter), ``optimizer`` (every state tensor) and ``reference`` (the in-module reference adapter plus
+    the separate frozen ``reference_model``, if any). Compared with a :class:`MemoryPlan` by the tests and
+    ``benchmarks/gpu_memory_check.py``; gradients are measured by the caller before the step frees them."""
+    from torch.utils import _pytree as pytree
+
+    ref_ids = {id(p) for p in ip_unet.reference_parameters()} if ip_unet.has_reference else set()
+    separate = 0
+    if reference_model is not None:
+        separate = tensor_bytes((*reference_model.parameters(), *reference_model.buffers()))
+    return {
+        "weights": tensor_bytes(t for t in (*ip_unet.parameters(), *ip_unet.buffers()) if id(t) not in ref_ids),
+        "optimizer": tensor_bytes(pytree.tree_leaves(dict(optimizer.state))),
+        "reference": tensor_bytes(p for p in ip_unet.parameters() if id(p) in ref_ids) + separate,
+    }
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:

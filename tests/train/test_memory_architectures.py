@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 from patchdpo_fast.cli import main as cli_main
 from patchdpo_fast.config import ConfigError, load_config
@@ -22,6 +21,7 @@ from patchdpo_fast.training.distributed import setup_distributed
 from patchdpo_fast.training.memory import (
     AllocationTracker,
     estimate_memory,
+    held_bytes,
     log_startup_plan,
     resolve_architecture,
     tensor_bytes,
@@ -123,15 +123,7 @@ def test_estimate_matches_a_real_tiny_step(overrides, optimizer):
     grads = tensor_bytes(p.grad for p in ip_unet.parameters() if p.requires_grad)
     del pred
     engine.step()
-    ref_ids = {id(p) for p in ip_unet.reference_parameters()} if ip_unet.has_reference else set()
-    real = {
-        "weights": tensor_bytes(t for t in (*ip_unet.parameters(), *ip_unet.buffers()) if id(t) not in ref_ids),
-        "gradients": grads,
-        "optimizer": tensor_bytes(pytree.tree_leaves(dict(engine.optimizer.state))),
-        "reference": tensor_bytes(p for p in ip_unet.parameters() if id(p) in ref_ids)
-        + (tensor_bytes((*trainable.reference.parameters(), *trainable.reference.buffers()))
-           if trainable.reference is not None else 0),
-    }  # fmt: skip
+    real = {"gradients": grads, **held_bytes(ip_unet, engine.optimizer, trainable.reference)}
     est = {"weights": plan.weights_bytes, "gradients": plan.gradients_bytes, "optimizer": plan.optimizer_bytes,
            "reference": plan.reference_bytes}  # fmt: skip
     assert real["optimizer"] > 0 and real["gradients"] > 0
