@@ -30,6 +30,10 @@
 #             sharp-3-in-loss: the channel in the training loss too; sharp-3-no-global-blur: no whole-image blur
 #             among the global changes, graded with the channel and without it (.w0)
 #   sharptest the test split, once: sharp-3 (seed 0)
+#   sharpship the ship candidate with the default now (progressive resizing, sharpness channel) for $SHARP_SHIP_MINUTES
+#             (30) minutes, graded on val
+#   sharplofo leave-one-family-out with the default now: one 3-minute estimator per family that never saw it, on val
+#   sharpfinal the test split, once: the sharpship candidate and the sharplofo estimators
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -39,6 +43,7 @@ DATA=${DATA:-../shared/data/dreambench256}
 OUT=${OUT:-runs/quality}
 THREADS=${THREADS:-2}
 SHIP_MINUTES=${SHIP_MINUTES:-20}
+SHARP_SHIP_MINUTES=${SHARP_SHIP_MINUTES:-30}
 PY=.venv/bin/python
 HELD_OUT=backpack_dog,can,dog3,robot_toy,bear_plushie,clock,dog8,pink_sunglasses  # val + test subjects
 FAMILIES="smear recolor missing duplicate foreign resample"
@@ -126,6 +131,18 @@ run() {  # one stage
         ;;
     sharptest)
         grade sharp-3 test --estimator "$OUT/sharp-3"
+        ;;
+    sharpship)
+        train "sharp-ship-$SHARP_SHIP_MINUTES" "$SHARP_SHIP_MINUTES"
+        grade "sharp-ship-$SHARP_SHIP_MINUTES" val --estimator "$OUT/sharp-ship-$SHARP_SHIP_MINUTES"
+        ;;
+    sharplofo)
+        for f in $FAMILIES; do train "sharp-lofo/$f" 3 --exclude-families "$f"; done
+        grade sharp-lofo val --lofo "$OUT/sharp-lofo"
+        ;;
+    sharpfinal)
+        grade "sharp-ship-$SHARP_SHIP_MINUTES" test --estimator "$OUT/sharp-ship-$SHARP_SHIP_MINUTES"
+        grade sharp-lofo test --lofo "$OUT/sharp-lofo"
         ;;
     shipped)
         grade shipped-v1 val --estimator tiny-trained
