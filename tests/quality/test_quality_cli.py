@@ -57,6 +57,12 @@ def test_quality_train_writes_a_loadable_folder_and_resumes(photo_dir, tmp_path,
         train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--hard-labels"])
     with pytest.raises(UserError, match=r"global_changes True \(now False\)"):
         train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--no-global-changes"])
+    # and the optimization settings: a resume must not switch the lr (e.g. when the default changes) or batch size
+    assert training["settings"]["lr"] == 2e-3
+    with pytest.raises(UserError, match=r"lr 0\.002 \(now 0\.0005\)"):
+        train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--lr", "5e-4"])
+    with pytest.raises(UserError, match=r"crop_batch_size 2 \(now 4\)"):
+        train_main([*args, "--minutes", "1", "--exclude-subjects", "beta", "--crop-batch-size", "4"])
     with pytest.raises(UserError, match="--no-global-changes needs --recipe offgrid"):
         train_main([*args, "--minutes", "1", "--recipe", "grid", "--no-global-changes"])
     again = json.loads((out / "quality_config.json").read_text())["extra"]["training"]
