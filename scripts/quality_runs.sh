@@ -39,6 +39,8 @@
 #   lrlofo    leave-one-family-out with lr 2e-3 (the default after sharplr), on val
 #   lrtest    the test split, once: sharp-3-lr-2e-3 (seed 0) and the lrlofo estimators
 #   sharpfinal the test split, once: the sharpship candidate and the sharplofo estimators
+# Every run passes --lr 1e-3, the default of all the stages above until quality-train's default became 2e-3 after
+# the sharplr stage; a stage's own --lr (progknobs, sharplr, lrlofo) comes later on the command line and wins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -59,7 +61,7 @@ train() {  # train NAME MINUTES [quality-train flags]
     [[ -f $OUT/$name/quality_config.json ]] && return 0
     echo "== $(date -u +%H:%M:%S) quality-train $name ($minutes CPU min) $*"
     "$PY" -m patchdpo_fast.quality.train_backbone --images "$DATA" --exclude-subjects "$HELD_OUT" \
-        --threads "$THREADS" --no-progress --seed 0 --out "$OUT/$name" --minutes "$minutes" "$@"
+        --threads "$THREADS" --no-progress --seed 0 --lr 1e-3 --out "$OUT/$name" --minutes "$minutes" "$@"
 }
 grade() {  # grade NAME SPLIT [quality-eval flags]
     local name=$1 split=$2
@@ -146,18 +148,14 @@ run() {  # one stage
         grade sharp-lofo val --lofo "$OUT/sharp-lofo"
         ;;
     sharplr)
-        local seed name
-        for seed in 0 1; do
-            name=sharp-3-lr-2e-3
-            [[ $seed == 1 ]] && name+=-seed-1
-            train "$name" 3 --lr 2e-3 --seed "$seed"
-            grade "$name" val --estimator "$OUT/$name"
-        done
-        for seed in 0 1; do
-            name=sharp-3-lr-1e-3
-            [[ $seed == 1 ]] && name+=-seed-1
-            train "$name" 3 --lr 1e-3 --seed "$seed"
-            grade "$name" val --estimator "$OUT/$name"
+        local lr seed name
+        for lr in 2e-3 1e-3; do
+            for seed in 0 1; do
+                name=sharp-3-lr-$lr
+                [[ $seed == 1 ]] && name+=-seed-1
+                train "$name" 3 --lr "$lr" --seed "$seed"
+                grade "$name" val --estimator "$OUT/$name"
+            done
         done
         ;;
     lrlofo)
