@@ -98,15 +98,11 @@ def build_sd15_components(
     from diffusers import DDPMScheduler
 
     from .sdxl_config import _rng_scope
-    from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer, instantiate_components
+    from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer, instantiate_components, special_token_ids
 
     dev = torch.device(device)
     tokenizer = build_tiny_tokenizer()
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    special = special_token_ids(tokenizer)
     with _rng_scope(dev), dev:
         modules = instantiate_components(
             SD15_UNET, SD15_VAE, {**SD15_TEXT_ENCODER, **special}, None, SD15_IMAGE_ENCODER, seed

@@ -30,7 +30,7 @@ import torch
 from .build import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, PatchDPOModels
 from .ip_adapter import IPAdapterUNet, cross_attention_processor_names
 from .resampler import Resampler
-from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer, instantiate_components
+from .tiny import SDXL_DDPM_CONFIG, build_tiny_tokenizer, instantiate_components, special_token_ids
 
 __all__ = [
     "SDXL_IMAGE_ENCODER",
@@ -174,11 +174,7 @@ def build_sdxl_components(
     dev = torch.device(device)
     tokenizer = build_tiny_tokenizer()
     tokenizer_2 = build_tiny_tokenizer()
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    special = special_token_ids(tokenizer)
     with _rng_scope(dev), dev:
         modules = instantiate_components(
             SDXL_UNET, SDXL_VAE, {**SDXL_TEXT_ENCODER, **special}, {**SDXL_TEXT_ENCODER_2, **special},

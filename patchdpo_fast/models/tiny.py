@@ -199,6 +199,15 @@ def build_tiny_tokenizer(model_max_length: int = 77):
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The ``bos`` / ``eos`` / ``pad`` token ids of ``tokenizer``, as CLIP text-encoder config entries."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_components(
     seed: int = 0, architecture: str = "sdxl", prediction_type: str | None = None
 ) -> dict[str, Any]:
@@ -222,12 +231,7 @@ def build_tiny_components(
 
     tokenizer = build_tiny_tokenizer()
     tokenizer_2 = build_tiny_tokenizer()
-    special = {
-        "vocab_size": 1000,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    special = {"vocab_size": 1000, **special_token_ids(tokenizer)}
     sd15 = architecture == "sd15"
     with torch.random.fork_rng(devices=[]):
         modules = instantiate_components(
