@@ -14,9 +14,13 @@ grades), each on the same trained backbone (docs/quality.md, "What the scoring c
 * ``layer L w=W``: the normalized tokens of hidden layer ``L`` joined to the final ones (weights ``W : 1``) before
   the sharpness channel;
 * ``sharpness ...``: the sharpness channel with other settings (quantile of the image's reference level, clamp,
-  bands).
+  bands);
+* ``views ...``: the estimator itself with other reference views (:mod:`patchdpo_fast.quality.reference_views`:
+  half-patch shifts, scaled-up windows, a scaled-down view); ``--only views`` grades just these
+  (docs/quality.md, "Reference views").
 
-Every variant scores the same pairs; two torch threads; about ten seconds per variant and backbone.
+Every variant scores the same pairs; two torch threads; about ten seconds per variant and backbone (a minute or two
+for a ``views`` variant: the backbone sees every view of every reference).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from patchdpo_fast.quality.backbone import patch_tokens
 from patchdpo_fast.quality.defects import FAMILIES
 from patchdpo_fast.quality.evaluate import _make_benchmark_pairs, grade, load_estimator
 from patchdpo_fast.quality.images import DREAMBENCH_SPLITS, load_photos
+from patchdpo_fast.quality.reference_views import ReferenceViews
 from patchdpo_fast.quality.sharpness import local_sharpness, sharpness_embedding
 
 GRID = (16, 16)
@@ -92,6 +97,13 @@ class Scorer:
 
     @torch.no_grad()
     def estimate(self, reference: torch.Tensor, generated: torch.Tensor):
+        if self.mode == "views":
+            saved, self.est.reference_views = self.est.reference_views, self.kw["views"]
+            try:
+                score = self.est.estimate(reference, generated).generated_similarity
+            finally:
+                self.est.reference_views = saved
+            return types.SimpleNamespace(generated_similarity=score, generated=score)
         g, r = self._features(generated), self._features(reference)
         sim = g @ r.transpose(1, 2)
         if self.mode == "neighbours":
@@ -119,6 +131,15 @@ def variants() -> list[tuple[str, dict]]:
         ("quantile 0.5", {"quantile": 0.5}), ("quantile 0.9", {"quantile": 0.9}), ("clamp 3", {"clamp": 3.0}),
         ("bands 1,2,4", {"bands": (1.0, 2.0, 4.0)}), ("bands 0.5,1,2", {"bands": (0.5, 1.0, 2.0)}),
     )]  # fmt: skip
+    out += [(f"views {name}", {"mode": "views", "views": v}) for name, v in (
+        ("shift 0.5 (4 views)", ReferenceViews(shift=0.5)),
+        ("1, 1.2 corners (5)", ReferenceViews((1.0, 1.2), crops=2)),
+        ("1, 1.2 3x3 (10)", ReferenceViews((1.0, 1.2), crops=3)),
+        ("1, 1.25 3x3 (10)", ReferenceViews((1.0, 1.25), crops=3)),
+        ("1, 1.2 3x3, shift 0.5 (13; quality-train's default)", ReferenceViews((1.0, 1.2), crops=3, shift=0.5)),
+        ("1, 0.85, 1.2 3x3, shift 0.5 (14)", ReferenceViews((1.0, 0.85, 1.2), crops=3, shift=0.5)),
+        ("1, 1.1, 1.2, 1.35 3x3, shift 0.5 (31)", ReferenceViews((1.0, 1.1, 1.2, 1.35), crops=3, shift=0.5)),
+    )]  # fmt: skip
     return out
 
 
@@ -144,6 +165,7 @@ def main() -> None:
     p.add_argument("--images", default="../shared/data/dreambench256")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--sharpness-weight", type=float, default=0.3)
+    p.add_argument("--only", default="", help="grade only the variants whose name starts with this (e.g. views)")
     args = p.parse_args()
     torch.set_num_threads(2)
     photos = load_photos([args.images], size=256, subjects=list(DREAMBENCH_SPLITS[args.split]))
@@ -155,7 +177,10 @@ def main() -> None:
     for spec in args.estimators:
         est = load_estimator(spec)
         est.sharpness_weight = args.sharpness_weight
+        est.reference_views = ReferenceViews()  # every variant but `views ...` reads the plain reference
         for name, v in variants():
+            if not name.startswith(args.only) and name != "base":
+                continue
             undo = _with_sharpness(v.get("sharp", {}))
             try:
                 scorer = Scorer(est, **{k: x for k, x in v.items() if k != "sharp"})

@@ -3,7 +3,10 @@
 The "feature" of a patch is its pixels (the image resized so that the estimator's patch grid has ``patch_px``-pixel
 cells, normalized per channel like the backbones' inputs, one cell flattened to a ``3 * patch_px**2`` vector); the
 quality of a generated patch is its best cosine similarity to the reference patches, exactly as the estimator does
-with backbone features. What a backbone scores above this is what its features add.
+with backbone features. What a backbone scores above this is what its features add. With ``reference_views``
+(:mod:`.reference_views`) the generated cells are matched against the same re-sampled views of the reference as the
+estimator's (and the reference cells against the generated image's views at the reciprocal scales), so that
+comparison stays about the features.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from patchdpo_fast.quality.backbone import IMAGENET_MEAN, IMAGENET_STD
 from patchdpo_fast.quality.estimator import Calibration, QualityMaps
 from patchdpo_fast.quality.matching import patch_match_reference
+from patchdpo_fast.quality.reference_views import ReferenceViews, view_images, view_masks
 
 __all__ = ["RawPixelMatcher"]
 
@@ -29,6 +33,8 @@ class RawPixelMatcher:
         grid: ``(gh, gw)`` patch grid (use the estimator's ``grid_size`` to compare with it).
         patch_px: pixels per cell side after resizing.
         image_mean, image_std: per-channel normalization of [0, 1] pixels.
+        reference_views: :class:`~.reference_views.ReferenceViews` (or its dict) of the reference to match against
+            (default: the reference alone).
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class RawPixelMatcher:
         patch_px: int = 16,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        reference_views: ReferenceViews | dict[str, Any] | None = None,
     ) -> None:
         if len(grid) != 2 or min(int(v) for v in grid) <= 0 or patch_px <= 0:
             raise ValueError(f"RawPixelMatcher: need a positive (gh, gw) grid and patch_px, got {grid}, {patch_px}")
@@ -46,9 +53,13 @@ class RawPixelMatcher:
         self._mean = torch.tensor([float(v) for v in image_mean]).view(1, 3, 1, 1)
         self._std = torch.tensor([float(v) for v in image_std]).view(1, 3, 1, 1)
         self.calibration = Calibration()
+        self.reference_views = ReferenceViews.from_any(reference_views)
 
     def config_dict(self) -> dict[str, Any]:
-        return {"kind": "raw-pixel", "grid": list(self.grid_size), "patch_px": self.patch_px}
+        cfg: dict[str, Any] = {"kind": "raw-pixel", "grid": list(self.grid_size), "patch_px": self.patch_px}
+        if not self.reference_views.is_identity:
+            cfg["reference_views"] = self.reference_views.to_dict()
+        return cfg
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, gh, gw, 3 * patch_px**2)`` pixel vectors of ``(B, 3, H, W)`` images in [0, 1]."""
@@ -66,11 +77,29 @@ class RawPixelMatcher:
     @torch.no_grad()
     def estimate(self, reference: torch.Tensor, generated: torch.Tensor, **_: Any) -> QualityMaps:
         """Maps of ``(B, 3, H, W)`` reference (or one reference) and generated images in [0, 1]."""
+        gh, gw = self.grid_size
+        p = self.patch_px
+        views = self.reference_views
         rf = self.features(reference).flatten(1, 2)
         gf = self.features(generated).flatten(1, 2)
+        keys, key_mask = rf, None
+        if not views.is_identity:
+            x = reference.float()
+            if tuple(x.shape[-2:]) != (gh * p, gw * p):
+                x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=True)
+            keys = torch.cat([self.features(v).flatten(1, 2) for v in view_images(x, views, (p, p))], dim=1)
+            key_mask = view_masks(views, (gh * p, gw * p), self.grid_size, batch=rf.shape[0]).flatten(1)
         if rf.shape[0] == 1 and gf.shape[0] > 1:
-            rf = rf.expand(gf.shape[0], -1, -1)
-        gh, gw = self.grid_size
-        sim_gen = patch_match_reference(gf, rf).view(-1, gh, gw)
-        sim_ref = patch_match_reference(rf, gf).view(-1, gh, gw)
+            rf, keys = rf.expand(gf.shape[0], -1, -1), keys.expand(gf.shape[0], -1, -1)
+            key_mask = None if key_mask is None else key_mask.expand(gf.shape[0], -1)
+        sim_gen = patch_match_reference(gf, keys, key_mask).view(-1, gh, gw)
+        gen_keys, gen_mask = gf, None
+        if not views.is_identity:  # the reference side: the generated image's views at the reciprocal scales
+            x = generated.float()
+            if tuple(x.shape[-2:]) != (gh * p, gw * p):
+                x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=True)
+            inverse = views.inverse()
+            gen_keys = torch.cat([self.features(v).flatten(1, 2) for v in view_images(x, inverse, (p, p))], dim=1)
+            gen_mask = view_masks(inverse, (gh * p, gw * p), self.grid_size, batch=gf.shape[0]).flatten(1)
+        sim_ref = patch_match_reference(rf, gen_keys, gen_mask).view(-1, gh, gw)
         return QualityMaps(self.calibration(sim_gen), self.calibration(sim_ref), sim_gen, sim_ref, None)

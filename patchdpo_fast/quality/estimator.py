@@ -20,6 +20,11 @@
 * Sharpness channel (``sharpness_weight=lambda``, default 0; quality-train writes 0.3): the L2-normalized feature is
   joined with the patch's local sharpness relative to its image (:mod:`.sharpness`), so the similarity of two patches
   is ``(1 - lambda) * cos(features) + lambda * sharpness agreement`` (learned features ignore blur).
+* Reference views (``reference_views``, default the reference alone; quality-train writes scales 1 and 1.2 and
+  half-patch shifts): the generated patches are matched against the reference re-sampled at other scales and grid
+  offsets too (:mod:`.reference_views`), so a part drawn a little larger or off the reference's patch grid still finds
+  itself. The reference-side map does the same the other way round (the generated image's views at the reciprocal
+  scales), so one calibration serves both maps.
 * Calibration: ``q = clamp((s - low) / (high - low), 0, 1)`` for the similarity ``s``. The identity calibration
   (``low=0, high=1``) is the default; :meth:`PatchQualityEstimator.fit_calibration` (run by ``quality-train``) sets
   ``low`` to the median similarity of synthetically corrupted patches and ``high`` to the median similarity of clean
@@ -49,6 +54,7 @@ from patchdpo_fast.quality.backbone import (
     read_preprocessor,
 )
 from patchdpo_fast.quality.matching import patch_match
+from patchdpo_fast.quality.reference_views import ReferenceViews, view_images, view_masks
 from patchdpo_fast.quality.sharpness import local_sharpness, sharpness_embedding
 from patchdpo_fast.utils import set_default_permissions
 
@@ -64,7 +70,8 @@ __all__ = [
 #: Name of the estimator's JSON config inside a saved folder; the backbone lives in the ``backbone/`` subfolder.
 CONFIG_NAME = "quality_config.json"
 FORMAT_VERSION = 1
-#: The tiny ViT after 10 minutes of ``quality-train`` on the 12 DreamBench training subjects (2.7 MB, shipped).
+#: The tiny ViT after 60 CPU minutes of ``quality-train`` on the 12 DreamBench training subjects (2.6 MB, shipped;
+#: docs/quality.md).
 TINY_TRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny_dreambench"
 
 
@@ -200,6 +207,10 @@ class PatchQualityEstimator(nn.Module):
             (weight ``sqrt(1 - lambda)``) joined with the embedding of the patch's local sharpness relative to its
             image (weight ``sqrt(lambda)``; :mod:`~.sharpness`), so the similarity of two patches is
             ``(1 - lambda) * cos_features + lambda * sharpness_agreement``. 0 (default): the backbone feature alone.
+        reference_views: :class:`~.reference_views.ReferenceViews` (or its dict): the generated patches are matched
+            against the reference re-sampled at these scales and grid offsets too, and the reference patches against
+            the generated image at the reciprocal scales and the same offsets (default: the images alone;
+            quality-train writes :data:`~.reference_views.ReferenceViews` ``((1.0, 1.2), crops=3, shift=0.5)``).
     """
 
     def __init__(
@@ -216,6 +227,7 @@ class PatchQualityEstimator(nn.Module):
         reference_background: float = 1.0,
         backend: str = "auto",
         sharpness_weight: float = 0.0,
+        reference_views: ReferenceViews | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone.eval()
@@ -241,6 +253,7 @@ class PatchQualityEstimator(nn.Module):
         self.reference_background = float(reference_background)
         self.backend = backend
         self.sharpness_weight = float(sharpness_weight)
+        self.reference_views = ReferenceViews.from_any(reference_views)
         self.register_buffer("_mean", torch.tensor(self.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -286,7 +299,8 @@ class PatchQualityEstimator(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The JSON-serializable settings :meth:`save_pretrained` writes (``sharpness_weight`` only when it is not 0,
-        so the settings, and the map tags of :mod:`.manifest_maps`, of estimators without it stay as they were)."""
+        and ``reference_views`` only when there is more than the reference itself, so the settings, and the map tags
+        of :mod:`.manifest_maps`, of estimators without them stay as they were)."""
         cfg = {
             "format": "patchdpo_fast.quality",
             "version": FORMAT_VERSION,
@@ -302,6 +316,8 @@ class PatchQualityEstimator(nn.Module):
         }
         if self.sharpness_weight:
             cfg["sharpness_weight"] = self.sharpness_weight
+        if not self.reference_views.is_identity:
+            cfg["reference_views"] = self.reference_views.to_dict()
         return cfg
 
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -401,6 +417,14 @@ class PatchQualityEstimator(nn.Module):
             )
         return fg
 
+    def _mask_pixels(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """A validated reference mask as ``(batch, 1, H, W)`` float at the input size (for the reference views)."""
+        m = mask[:, None] if mask.dim() == 3 else mask
+        m = m.expand(batch, 1, *m.shape[-2:]).to(device=self.device, dtype=torch.float32)
+        if tuple(m.shape[-2:]) != self.image_size:
+            m = F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        return m
+
     # ------------------------------------------------------------------------------------------------ estimation
     @torch.no_grad()
     def estimate(
@@ -431,16 +455,46 @@ class PatchQualityEstimator(nn.Module):
         ref_pix = self.preprocess(reference, "reference")  # validates both inputs before any backbone work
         gen_pix = self.preprocess(generated, "generated")
         step = batch_size or max(b, 1)
+        views = self.reference_views
+        ref_views = (
+            view_images(ref_pix, views, backbone_patch_size(self.backbone)) if not views.is_identity else [ref_pix]
+        )
+        # features of every view (view 0 is the reference itself), in chunks of `step` images
+        ref_all = torch.cat(ref_views)
         ref_feat = torch.cat(
-            [self.features_from_pixels(ref_pix[i : i + step]) for i in range(0, ref_pix.shape[0], step)]
+            [self.features_from_pixels(ref_all[i : i + step]) for i in range(0, ref_all.shape[0], step)]
         )
         gen_feat = torch.cat([self.features_from_pixels(gen_pix[i : i + step]) for i in range(0, b, step)])
-        if ref_feat.shape[0] == 1 and b > 1:
-            ref_feat = ref_feat.expand(b, *ref_feat.shape[1:])
         h, w = self.grid_size
-        rf, gf = ref_feat.flatten(1, 2), gen_feat.flatten(1, 2)
-        sim_gen = patch_match(gf, rf, None if fg is None else fg.flatten(1), backend=self.backend).float()
-        sim_ref = patch_match(rf, gf, backend=self.backend).float()
+        nr, nv = ref_pix.shape[0], len(ref_views)
+        keys = ref_feat.view(nv, nr, h * w, -1).transpose(0, 1).flatten(1, 2)  # (Bref, V * h * w, D)
+        if views.is_identity:
+            key_mask = None if fg is None else fg.flatten(1)
+        else:
+            mask = None if reference_mask is None else self._mask_pixels(reference_mask, b)
+            cand = view_masks(views, self.image_size, (h, w), mask=mask, threshold=self.mask_threshold, batch=nr)
+            if fg is not None:
+                cand[:, 0] = fg  # the reference itself: exactly the foreground of the plain match
+            key_mask = cand.to(keys.device).flatten(1)
+        rf = ref_feat[:nr].flatten(1, 2)
+        if nr == 1 and b > 1:
+            keys, rf = keys.expand(b, *keys.shape[1:]), rf.expand(b, *rf.shape[1:])
+        if key_mask is not None and key_mask.shape[0] != b:
+            key_mask = key_mask.expand(b, -1)
+        gf = gen_feat.flatten(1, 2)
+        sim_gen = patch_match(gf, keys, key_mask, backend=self.backend).float()
+        gen_keys, gen_mask = gf, None
+        if not views.is_identity:
+            # the reference side, symmetrically: the generated image's views at the reciprocal scales
+            inverse = views.inverse()
+            gen_all = torch.cat(view_images(gen_pix, inverse, backbone_patch_size(self.backbone))[1:])
+            extra = torch.cat(
+                [self.features_from_pixels(gen_all[i : i + step]) for i in range(0, gen_all.shape[0], step)]
+            )
+            nv_gen = gen_all.shape[0] // b
+            gen_keys = torch.cat([gf, extra.view(nv_gen, b, h * w, -1).transpose(0, 1).flatten(1, 2)], dim=1)
+            gen_mask = view_masks(inverse, self.image_size, (h, w), batch=b).to(gf.device).flatten(1)
+        sim_ref = patch_match(rf, gen_keys, gen_mask, backend=self.backend).float()
         sim_gen, sim_ref = sim_gen.view(b, h, w), sim_ref.view(b, h, w)
         q_gen = self.calibration(sim_gen)
         q_ref = self.calibration(sim_ref)
@@ -474,4 +528,5 @@ _SETTINGS = (
     "mask_threshold",
     "reference_background",
     "sharpness_weight",
+    "reference_views",
 )

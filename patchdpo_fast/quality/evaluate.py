@@ -57,6 +57,7 @@ from patchdpo_fast.quality.images import (
     read_split_file,
 )
 from patchdpo_fast.quality.metrics import auroc, average_precision
+from patchdpo_fast.quality.reference_views import add_view_arguments, views_from_arguments
 from patchdpo_fast.quality.synthetic import ALL_KINDS, TRAIN_KINDS, Corruptions, make_pairs
 from patchdpo_fast.utils import resolve_device
 
@@ -237,7 +238,9 @@ def benchmark(
         left_out_patches=int((lab < 0).sum()),
     )
     if baseline:
-        result["baseline"] = _run(RawPixelMatcher(grid), batches, photos, families)
+        raw = RawPixelMatcher(grid, reference_views=getattr(estimator, "reference_views", None))
+        result["baseline"] = _run(raw, batches, photos, families)
+        result["baseline"]["settings"] = raw.config_dict()
         result["auroc_above_baseline"] = result["overall"]["auroc"] - result["baseline"]["overall"]["auroc"]
     return result
 
@@ -291,7 +294,7 @@ def evaluate_estimator(
     corruptions = Corruptions(kinds=tuple(kinds))
     n = len(photos)
     grid = tuple(estimator.grid_size)
-    raw = RawPixelMatcher(grid) if baseline else None
+    raw = RawPixelMatcher(grid, reference_views=getattr(estimator, "reference_views", None)) if baseline else None
     sims, quals, raw_sims, labels, kind_codes, subj = [], [], [], [], [], []
     t0 = time.perf_counter()
     for _ in range(pairs_per_image):
@@ -401,7 +404,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"offgrid: defect families from {', '.join(FAMILIES)} (default all); grid: kinds from "
         f"{', '.join(ALL_KINDS)} (default {','.join(TRAIN_KINDS)})",
     )
-    p.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the raw-pixel baseline (it matches against the estimator's reference views)",
+    )
     p.add_argument("--image-size", type=int, default=256, help="photos are centre-cropped and resized to this")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -415,6 +422,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override the estimator's sharpness_weight (0 = backbone features alone; the raw similarities are "
         "graded, so the calibration fitted for another weight does not matter for AUROC / AP)",
     )
+    add_view_arguments(p, "the estimator (override; default: its own)")
     return p
 
 
@@ -447,6 +455,10 @@ def _setup(est: Estimator, args: argparse.Namespace) -> Estimator:
             if not 0.0 <= args.sharpness_weight < 1.0:
                 raise UserError(f"--sharpness-weight must be in [0, 1), got {args.sharpness_weight}")
             est.sharpness_weight = float(args.sharpness_weight)
+    try:
+        est.reference_views = views_from_arguments(est.reference_views, args)  # both estimator kinds have views
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return est
 
 

@@ -240,3 +240,69 @@ def test_make_training_pairs_side_scale_enlarges_regions(photos, monkeypatch):
     lo, hi = TRAIN_RECIPE.side
     assert seen[0] == TRAIN_RECIPE and seen[1].side == (2 * lo, min(0.6, 2 * hi))
     assert seen[1].regions == TRAIN_RECIPE.regions and seen[1].smear_sigma_px == TRAIN_RECIPE.smear_sigma_px
+
+
+def test_quality_refit_script_sets_views_and_refits_the_calibration(photo_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quality_refit.py"
+    spec = importlib.util.spec_from_file_location("quality_refit", script)
+    refit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refit)
+    folder = tmp_path / "est"
+    PatchQualityEstimator.tiny(seed=0, calibration=(0.5, 0.9)).save_pretrained(
+        folder, extra={"training": {"seed": 3, "excluded_subjects": ["beta"], "step": 7}}
+    )
+    weights = (folder / "backbone" / "model.safetensors").read_bytes()
+    backbone_cfg = (folder / "backbone" / "config.json").stat().st_mtime_ns
+    args = [str(folder), "--images", str(photo_dir), "--reference-scales", "1,1.2", "--reference-shift", "0.5"]
+    assert refit.main(args) == 0
+    # the backbone is not rewritten, only the settings
+    assert (folder / "backbone" / "model.safetensors").read_bytes() == weights
+    assert (folder / "backbone" / "config.json").stat().st_mtime_ns == backbone_cfg
+    assert "reference_views changed" in capsys.readouterr().out
+    cfg = json.loads((folder / "quality_config.json").read_text())
+    assert cfg["reference_views"] == {"scales": [1.0, 1.2], "crops": 3, "shift": 0.5}
+    assert cfg["calibration"]["low"] != 0.5 and cfg["calibration"]["info"]["images"] == 2  # alpha's two photos
+    assert cfg["extra"]["training"]["step"] == 7  # the training record is kept
+    (entry,) = cfg["extra"]["refits"]
+    assert (
+        entry["seed"] == 3
+        and entry["subjects"] == ["alpha"]
+        and set(entry["changed"])
+        == {
+            "calibration",
+            "reference_views",
+        }
+    )
+    assert PatchQualityEstimator.from_pretrained(folder).reference_views.scales == (1.0, 1.2)
+    with pytest.raises(UserError, match=r"must contain 1\.0"):
+        refit.main([str(folder), "--images", str(photo_dir), "--reference-scales", "1.2"])
+    with pytest.raises(UserError, match="is not an estimator folder"):
+        refit.main([str(tmp_path), "--images", str(photo_dir)])
+
+
+def test_quality_train_writes_reference_views_and_eval_overrides_them(photo_dir, tmp_path):
+    out = tmp_path / "q"
+    base = ["--images", str(photo_dir), "--out", str(out), "--batch-size", "2", "--no-progress", "--minutes", "0.01"]
+    assert train_main([*base, "--reference-shift", "0.25"]) == 0
+    cfg = json.loads((out / "quality_config.json").read_text())
+    assert cfg["reference_views"] == {"scales": [1.0, 1.2], "crops": 3, "shift": 0.25}
+    assert cfg["extra"]["training"]["reference_views"] == cfg["reference_views"]
+    res = tmp_path / "eval.json"
+    ev = ["--images", str(photo_dir), "--out", str(res), "--pairs", "1", "--all-subjects", "--estimator", str(out)]
+    assert eval_main(ev) == 0
+    graded = json.loads(res.read_text())
+    # the raw-pixel baseline matches against the same views as the estimator
+    assert graded["estimator_settings"]["reference_views"]["shift"] == 0.25
+    assert graded["baseline"]["settings"]["reference_views"] == cfg["reference_views"]
+    assert eval_main([*ev, "--reference-scales", "1", "--reference-shift", "0"]) == 0
+    plain = json.loads(res.read_text())
+    assert (
+        "reference_views" not in plain["estimator_settings"] and "reference_views" not in plain["baseline"]["settings"]
+    )
+    with pytest.raises(UserError, match=r"`crops` must be an integer in \[1, 5\]"):
+        eval_main([*ev, "--reference-crops", "9"])
+    with pytest.raises(UserError, match="comma-separated numbers"):
+        train_main([*base, "--reference-scales", "1;1.2"])

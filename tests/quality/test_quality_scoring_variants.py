@@ -31,6 +31,17 @@ def test_base_variant_is_the_estimators_similarity(variants_module, photos):
     # the layer variant with the final layer twice is the base feature again
     layer = variants_module.Scorer(est, "layer", layer=-1, weight=1.0).estimate(ref, gen).generated_similarity
     torch.testing.assert_close(layer, want, atol=1e-5, rtol=0)
+    # a views variant is the estimator with those reference views, and leaves the estimator's own views as they were
+    from patchdpo_fast.quality.reference_views import ReferenceViews
+
+    views = ReferenceViews((1.0, 1.2), crops=2, shift=0.5)
+    got = variants_module.Scorer(est, "views", views=views).estimate(ref, gen).generated_similarity
+    want = PatchQualityEstimator(est.backbone, sharpness_weight=0.3, reference_views=views).estimate(ref, gen)
+    torch.testing.assert_close(got, want.generated_similarity, atol=1e-5, rtol=0)
+    assert (
+        est.reference_views.is_identity
+        and (got >= variants_module.Scorer(est).estimate(ref, gen).generated_similarity - 1e-5).all()
+    )
 
 
 def test_neighbour_scores(variants_module):
