@@ -105,6 +105,10 @@ class QualitySettings:
     #: quality-train's --recipe: "grid" (the first version's grid-aligned corruptions) is what the published run
     #: trained with; "offgrid" is quality-train's default on photos (docs/quality.md)
     train_recipe: str = "grid"
+    #: quality-train's --reference-scales / --reference-shift: "1" and 0 (the reference alone) is what the published
+    #: run estimated with; quality-train's default since issue 11's reference views is "1,1.2" and 0.5
+    train_reference_scales: str = "1"
+    train_reference_shift: float = 0.0
     map_size: int = 8
 
 

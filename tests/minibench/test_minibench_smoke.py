@@ -64,9 +64,12 @@ def test_quickstart_kit_from_a_run_trains_with_the_readme_config(tmp_path):
 
     out = tmp_path / "mb"
     assert main(["--smoke", "--out", str(out), "--no-progress", "--until", "quality"]) == 0
-    # the world estimator is trained as in the published run: a wall-clock budget, the grid recipe
-    training = json.loads((out / "quality_estimator" / "quality_config.json").read_text())["extra"]["training"]
+    # the world estimator is trained as in the published run: a wall-clock budget, the grid recipe, and it matches
+    # against the reference alone (no reference views)
+    cfg = json.loads((out / "quality_estimator" / "quality_config.json").read_text())
+    training = cfg["extra"]["training"]
     assert training["clock"] == "wall" and training["recipe"]["name"] == "grid"
+    assert "reference_views" not in cfg and training["reference_views"]["scales"] == [1.0]
     kit = tmp_path / "kit"
     info = write_quickstart(out, kit, subjects=2, heldout=2)
     assert info["pairs"] == 2 and len(info["heldout"]) == 2
