@@ -39,8 +39,17 @@
 #   lrlofo    leave-one-family-out with lr 2e-3 (the default after sharplr), on val
 #   lrtest    the test split, once: sharp-3-lr-2e-3 (seed 0) and the lrlofo estimators
 #   sharpfinal the test split, once: the sharpship candidate and the sharplofo estimators
-# Every run passes --lr 1e-3, the default of all the stages above until quality-train's default became 2e-3 after
-# the sharplr stage; a stage's own --lr (progknobs, sharplr, lrlofo) comes later on the command line and wins.
+# Every run above passes --lr 1e-3, the default of all the stages above until quality-train's default became 2e-3 after
+# the sharplr stage (a stage's own --lr, in progknobs, sharplr and lrlofo, comes later on the command line and wins),
+# and --reference-scales 1 --reference-shift 0: no reference views, which quality-train writes by default since the
+# views stages (docs/quality.md, "Reference views"; views change how an estimator is graded, not how it trains).
+#   views     existing backbones graded with the default reference views on val (.views): sharp-3-lr-2e-3 and its
+#             seed 1 (the same backbones with and without views), and sharp-ship-60 (the shipped backbone)
+#   shipviews the shipped estimator gets the default views: scripts/quality_refit.py on its folder (calibration refitted
+#             on the 12 train subjects), then graded on val as shipped-v3
+#   viewsrun  fresh runs with quality-train's defaults as they are now (lr 2e-3, reference views): views-3 (seeds 0
+#             and 1) and one leave-one-family-out estimator per family (views-lofo), graded on val
+#   viewstest the test split, once: views-3 (seed 0), views-lofo and the shipped estimator with its views
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -61,7 +70,16 @@ train() {  # train NAME MINUTES [quality-train flags]
     [[ -f $OUT/$name/quality_config.json ]] && return 0
     echo "== $(date -u +%H:%M:%S) quality-train $name ($minutes CPU min) $*"
     "$PY" -m patchdpo_fast.quality.train_backbone --images "$DATA" --exclude-subjects "$HELD_OUT" \
-        --threads "$THREADS" --no-progress --seed 0 --lr 1e-3 --out "$OUT/$name" --minutes "$minutes" "$@"
+        --threads "$THREADS" --no-progress --seed 0 --lr 1e-3 --reference-scales 1 --reference-shift 0 \
+        --out "$OUT/$name" --minutes "$minutes" "$@"
+}
+fresh() {  # fresh NAME MINUTES [quality-train flags]: quality-train with its defaults as they are now
+    local name=$1 minutes=$2
+    shift 2
+    [[ -f $OUT/$name/quality_config.json ]] && return 0
+    echo "== $(date -u +%H:%M:%S) quality-train $name ($minutes CPU min, defaults) $*"
+    "$PY" -m patchdpo_fast.quality.train_backbone --images "$DATA" --exclude-subjects "$HELD_OUT" \
+        --threads "$THREADS" --no-progress --out "$OUT/$name" --minutes "$minutes" "$@"
 }
 grade() {  # grade NAME SPLIT [quality-eval flags]
     local name=$1 split=$2
@@ -171,12 +189,37 @@ run() {  # one stage
         grade sharp-lofo test --lofo "$OUT/sharp-lofo"
         ;;
     shipped)
-        grade shipped-v2 val --estimator tiny-trained
+        grade shipped-v2 val --estimator tiny-trained --reference-scales 1 --reference-shift 0
+        ;;
+    views)
+        local -a views=(--reference-scales 1,1.2 --reference-crops 3 --reference-shift 0.5)
+        local name
+        for name in sharp-3-lr-2e-3 sharp-3-lr-2e-3-seed-1 sharp-ship-60; do
+            grade "$name.views" val --estimator "$OUT/$name" "${views[@]}"
+        done
+        ;;
+    viewsrun)
+        fresh views-3 3
+        grade views-3 val --estimator "$OUT/views-3"
+        for f in $FAMILIES; do fresh "views-lofo/$f" 3 --exclude-families "$f"; done
+        grade views-lofo val --lofo "$OUT/views-lofo"
+        fresh views-3-seed-1 3 --seed 1
+        grade views-3-seed-1 val --estimator "$OUT/views-3-seed-1"
+        ;;
+    shipviews)
+        "$PY" scripts/quality_refit.py patchdpo_fast/quality/assets/tiny_dreambench --images "$DATA" \
+            --reference-scales 1,1.2 --reference-crops 3 --reference-shift 0.5
+        grade shipped-v3 val --estimator tiny-trained
+        ;;
+    viewstest)
+        grade views-3 test --estimator "$OUT/views-3"
+        grade views-lofo test --lofo "$OUT/views-lofo"
+        grade shipped-v3 test --estimator tiny-trained
         ;;
     test)
         grade minutes-3 test --estimator "$OUT/minutes-3"
         grade lofo test --lofo "$OUT/lofo"
-        grade shipped-v2 test --estimator tiny-trained
+        grade shipped-v2 test --estimator tiny-trained --reference-scales 1 --reference-shift 0
         ;;
     *)
         echo "unknown stage $1" >&2
