@@ -210,7 +210,8 @@ class PatchQualityEstimator(nn.Module):
         reference_views: :class:`~.reference_views.ReferenceViews` (or its dict): the generated patches are matched
             against the reference re-sampled at these scales and grid offsets too, and the reference patches against
             the generated image at the reciprocal scales and the same offsets (default: the images alone;
-            quality-train writes :data:`~.reference_views.ReferenceViews` ``((1.0, 1.2), crops=3, shift=0.5)``).
+            quality-train writes ``ReferenceViews((1.0, 1.2), crops=3, shift=0.5)``,
+            :data:`~.train_backbone.REFERENCE_VIEWS`).
     """
 
     def __init__(
@@ -456,8 +457,15 @@ class PatchQualityEstimator(nn.Module):
         gen_pix = self.preprocess(generated, "generated")
         step = batch_size or max(b, 1)
         views = self.reference_views
+        nr = ref_pix.shape[0]
+        ref_src, index = ref_pix, None
+        if nr > 1 and not views.is_identity:
+            # a reference repeated in the batch (one subject photo for several generated images) is seen once
+            unique, which = torch.unique(ref_pix.flatten(1), dim=0, return_inverse=True)
+            if unique.shape[0] < nr:
+                ref_src, index = unique.view(-1, *ref_pix.shape[1:]), which
         ref_views = (
-            view_images(ref_pix, views, backbone_patch_size(self.backbone)) if not views.is_identity else [ref_pix]
+            view_images(ref_src, views, backbone_patch_size(self.backbone)) if not views.is_identity else [ref_src]
         )
         # features of every view (view 0 is the reference itself), in chunks of `step` images
         ref_all = torch.cat(ref_views)
@@ -466,8 +474,11 @@ class PatchQualityEstimator(nn.Module):
         )
         gen_feat = torch.cat([self.features_from_pixels(gen_pix[i : i + step]) for i in range(0, b, step)])
         h, w = self.grid_size
-        nr, nv = ref_pix.shape[0], len(ref_views)
-        keys = ref_feat.view(nv, nr, h * w, -1).transpose(0, 1).flatten(1, 2)  # (Bref, V * h * w, D)
+        nv = len(ref_views)
+        keys = ref_feat.view(nv, ref_src.shape[0], h * w, -1).transpose(0, 1).flatten(1, 2)  # (Bref, V * h * w, D)
+        rf = ref_feat[: ref_src.shape[0]].flatten(1, 2)
+        if index is not None:
+            keys, rf = keys[index], rf[index]
         if views.is_identity:
             key_mask = None if fg is None else fg.flatten(1)
         else:
@@ -476,7 +487,6 @@ class PatchQualityEstimator(nn.Module):
             if fg is not None:
                 cand[:, 0] = fg  # the reference itself: exactly the foreground of the plain match
             key_mask = cand.to(keys.device).flatten(1)
-        rf = ref_feat[:nr].flatten(1, 2)
         if nr == 1 and b > 1:
             keys, rf = keys.expand(b, *keys.shape[1:]), rf.expand(b, *rf.shape[1:])
         if key_mask is not None and key_mask.shape[0] != b:

@@ -130,6 +130,26 @@ def test_a_generated_view_of_the_reference_is_matched_exactly(tiny_estimator, vi
     torch.testing.assert_close(many.generated[1], viewing.estimate(ref[:1], photos[1:2]).generated[0])
 
 
+def test_a_repeated_reference_is_seen_once(viewing, photos, monkeypatch):
+    refs = photos[[0, 1, 0, 0]]  # one subject photo for three of the four generated images
+    gens = photos[[1, 2, 3, 2]].flip(-1)
+    seen: list[int] = []
+    forward = PatchQualityEstimator.features_from_pixels
+
+    def counting(self, pixels):
+        seen.append(pixels.shape[0])
+        return forward(self, pixels)
+
+    monkeypatch.setattr(PatchQualityEstimator, "features_from_pixels", counting)
+    maps = viewing.estimate(refs, gens)
+    # 13 views of the 2 distinct references, the 4 generated images and their 4 extra views each
+    assert sum(seen) == 13 * 2 + 4 + 4 * 4
+    for i in range(4):
+        one = viewing.estimate(refs[i : i + 1], gens[i : i + 1])
+        torch.testing.assert_close(maps.generated_similarity[i], one.generated_similarity[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(maps.reference_similarity[i], one.reference_similarity[0], atol=1e-5, rtol=0)
+
+
 def test_views_keep_the_reference_mask(tiny_estimator, viewing, photos):
     mask = torch.zeros(2, 128, 128)
     mask[:, :, :64] = 1.0
