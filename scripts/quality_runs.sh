@@ -50,6 +50,12 @@
 #   viewsrun  fresh runs with quality-train's defaults as they are now (lr 2e-3, reference views): views-3 (seeds 0
 #             and 1) and one leave-one-family-out estimator per family (views-lofo), graded on val
 #   viewstest the test split, once: views-3 (seed 0), views-lofo and the shipped estimator with its views
+# THREADS (2) is what every stage above passes to quality-train. On a 2-core machine alone, one thread trains the
+# tiny backbone faster, per CPU second and per wall second; quality-train's default since the threads stage is 1
+# thread for the tiny backbone on CPU (docs/quality.md, "Threads"):
+#   threads   views-3 with --threads 1 and --threads 2 (seed 0, each run alone on the machine), leave-one-family-out
+#             with --threads 1 (views-lofo-t1), views-3 --threads 1 seed 1, all graded on val
+#   threadstest the test split, once: views-3-threads-1 and views-lofo-t1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -215,6 +221,20 @@ run() {  # one stage
         grade views-3 test --estimator "$OUT/views-3"
         grade views-lofo test --lofo "$OUT/views-lofo"
         grade shipped-v3 test --estimator tiny-trained
+        ;;
+    threads)
+        fresh views-3-threads-1 3 --threads 1
+        grade views-3-threads-1 val --estimator "$OUT/views-3-threads-1"
+        fresh views-3-threads-2 3 --threads 2
+        grade views-3-threads-2 val --estimator "$OUT/views-3-threads-2"
+        for f in $FAMILIES; do fresh "views-lofo-t1/$f" 3 --threads 1 --exclude-families "$f"; done
+        grade views-lofo-t1 val --lofo "$OUT/views-lofo-t1"
+        fresh views-3-threads-1-seed-1 3 --threads 1 --seed 1
+        grade views-3-threads-1-seed-1 val --estimator "$OUT/views-3-threads-1-seed-1"
+        ;;
+    threadstest)
+        grade views-3-threads-1 test --estimator "$OUT/views-3-threads-1"
+        grade views-lofo-t1 test --lofo "$OUT/views-lofo-t1"
         ;;
     test)
         grade minutes-3 test --estimator "$OUT/minutes-3"

@@ -306,3 +306,25 @@ def test_quality_train_writes_reference_views_and_eval_overrides_them(photo_dir,
         eval_main([*ev, "--reference-crops", "9"])
     with pytest.raises(UserError, match="comma-separated numbers"):
         train_main([*base, "--reference-scales", "1;1.2"])
+
+
+def test_quality_train_threads_default_and_override(photo_dir, tmp_path):
+    from patchdpo_fast.quality.train_backbone import train_threads
+
+    cpu = torch.device("cpu")
+    assert train_threads(None, "tiny", cpu, 8) == 1  # the tiny backbone's steps run on one thread on CPU
+    assert train_threads(None, "/models/dinov2", cpu, 8) == 2 and train_threads(None, "/models/dinov2", cpu, 1) == 1
+    assert train_threads(None, "tiny", torch.device("cuda"), 8) == 2
+    assert train_threads(3, "tiny", cpu, 8) == 3  # an explicit --threads wins
+    entry = torch.get_num_threads()
+    args = ["--images", str(photo_dir), "--batch-size", "2", "--no-progress", "--minutes", "0.005", "--device", "cpu"]
+    assert train_main([*args, "--out", str(tmp_path / "default")]) == 0
+    record = json.loads((tmp_path / "default" / "quality_config.json").read_text())["extra"]["training"]
+    assert record["threads"] == 1 and record["calibration_threads"] == min(2, entry)
+    assert torch.get_num_threads() == entry  # an in-process caller gets its setting back
+    assert train_main([*args, "--out", str(tmp_path / "two"), "--threads", "2"]) == 0
+    record = json.loads((tmp_path / "two" / "quality_config.json").read_text())["extra"]["training"]
+    assert record["threads"] == 2 and record["calibration_threads"] == 2
+    assert torch.get_num_threads() == entry
+    with pytest.raises(UserError, match="--threads must be >= 1, got 0"):
+        train_main([*args, "--out", str(tmp_path / "zero"), "--threads", "0"])
