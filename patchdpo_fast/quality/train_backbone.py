@@ -515,8 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_threads(requested: int | None, backbone: str, device: torch.device, available: int) -> int:
     """Torch threads of the budgeted training steps: ``requested`` when given, else 1 for the tiny backbone on CPU,
-    else ``min(2, available)``. Measured on a 2-core machine (docs/quality.md, "Threads"): the tiny backbone made 859
-    steps in 3 CPU minutes with one thread against 566 with two, and more steps per wall second too."""
+    else ``min(2, available)``. Measured on a 2-core machine (docs/quality.md, "Threads"): the tiny backbone made
+    859-953 steps in 3 CPU minutes with one thread against 566-703 with two, and as many or more per wall second."""
     if requested is not None:
         return requested
     return 1 if backbone == "tiny" and device.type == "cpu" else min(2, available)
