@@ -50,12 +50,13 @@
 #   viewsrun  fresh runs with quality-train's defaults as they are now (lr 2e-3, reference views): views-3 (seeds 0
 #             and 1) and one leave-one-family-out estimator per family (views-lofo), graded on val
 #   viewstest the test split, once: views-3 (seed 0), views-lofo and the shipped estimator with its views
-# THREADS (2) is what every stage above passes to quality-train. On a 2-core machine alone, one thread trains the
-# tiny backbone faster, per CPU second and per wall second; quality-train's default since the threads stage is 1
-# thread for the tiny backbone on CPU (docs/quality.md, "Threads"):
+# THREADS (2) is what every stage above passes to quality-train. On a 2-core machine alone, one thread makes 50 %
+# more steps of the tiny backbone per CPU second and as many per wall second; quality-train's default since the
+# threads stage is 1 thread for the tiny backbone on CPU (docs/quality.md, "Threads"):
 #   threads   views-3 with --threads 1 and --threads 2 (seed 0, each run alone on the machine), leave-one-family-out
 #             with --threads 1 (views-lofo-t1), views-3 --threads 1 seed 1, all graded on val
 #   threadstest the test split, once: views-3-threads-1 and views-lofo-t1
+#   threadscurve the curve with the defaults as they are now (views, one thread): 1 and 10 CPU minutes, graded on val
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # idle OpenMP threads sleep instead of spinning: with the default (spin) policy a thread whose partner is
@@ -231,6 +232,12 @@ run() {  # one stage
         grade views-lofo-t1 val --lofo "$OUT/views-lofo-t1"
         fresh views-3-threads-1-seed-1 3 --threads 1 --seed 1
         grade views-3-threads-1-seed-1 val --estimator "$OUT/views-3-threads-1-seed-1"
+        ;;
+    threadscurve)
+        for m in 1 10; do
+            fresh "views-$m-threads-1" "$m" --threads 1
+            grade "views-$m-threads-1" val --estimator "$OUT/views-$m-threads-1"
+        done
         ;;
     threadstest)
         grade views-3-threads-1 test --estimator "$OUT/views-3-threads-1"

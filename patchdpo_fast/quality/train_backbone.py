@@ -465,9 +465,9 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads of the training steps (default: 1 for the tiny backbone on CPU, the most steps per "
-        "CPU and per wall second on 2 cores; else min(2, torch's choice)); the calibration fit uses min(2, torch's "
-        "choice) unless this is given",
+        help="torch CPU threads of the training steps (default: 1 for the tiny backbone on CPU, 50 %% more steps per "
+        "CPU second than 2 on 2 cores and as many per wall second; else min(2, torch's choice)); the calibration fit "
+        "uses min(2, torch's choice) unless this is given",
     )
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per checkpoint instead)")
