@@ -50,7 +50,7 @@
 #   viewsrun  fresh runs with quality-train's defaults as they are now (lr 2e-3, reference views): views-3 (seeds 0
 #             and 1) and one leave-one-family-out estimator per family (views-lofo), graded on val
 #   viewstest the test split, once: views-3 (seed 0), views-lofo and the shipped estimator with its views
-# THREADS (2) is what every stage above passes to quality-train. On a 2-core machine alone, one thread makes 50 %
+# THREADS (2) is what every stage above passes to quality-train. On a 2-core machine alone, one thread makes ~45 %
 # more steps of the tiny backbone per CPU second and as many per wall second; quality-train's default since the
 # threads stage is 1 thread for the tiny backbone on CPU (docs/quality.md, "Threads"):
 #   threads   views-3 with --threads 1 and --threads 2 (seed 0, each run alone on the machine), leave-one-family-out

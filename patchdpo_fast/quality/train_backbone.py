@@ -465,7 +465,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads of the training steps (default: 1 for the tiny backbone on CPU, 50 %% more steps per "
+        help="torch CPU threads of the training steps (default: 1 for the tiny backbone on CPU, ~45 %% more steps per "
         "CPU second than 2 on 2 cores and as many per wall second; else min(2, torch's choice)); the calibration fit "
         "uses min(2, torch's choice) unless this is given",
     )
