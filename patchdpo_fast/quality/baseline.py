@@ -78,28 +78,25 @@ class RawPixelMatcher:
     def estimate(self, reference: torch.Tensor, generated: torch.Tensor, **_: Any) -> QualityMaps:
         """Maps of ``(B, 3, H, W)`` reference (or one reference) and generated images in [0, 1]."""
         gh, gw = self.grid_size
-        p = self.patch_px
         views = self.reference_views
         rf = self.features(reference).flatten(1, 2)
         gf = self.features(generated).flatten(1, 2)
-        keys, key_mask = rf, None
-        if not views.is_identity:
-            x = reference.float()
-            if tuple(x.shape[-2:]) != (gh * p, gw * p):
-                x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=True)
-            keys = torch.cat([self.features(v).flatten(1, 2) for v in view_images(x, views, (p, p))], dim=1)
-            key_mask = view_masks(views, (gh * p, gw * p), self.grid_size, batch=rf.shape[0]).flatten(1)
+        keys, key_mask = (rf, None) if views.is_identity else self._view_keys(reference, views)
         if rf.shape[0] == 1 and gf.shape[0] > 1:
             rf, keys = rf.expand(gf.shape[0], -1, -1), keys.expand(gf.shape[0], -1, -1)
             key_mask = None if key_mask is None else key_mask.expand(gf.shape[0], -1)
         sim_gen = patch_match_reference(gf, keys, key_mask).view(-1, gh, gw)
-        gen_keys, gen_mask = gf, None
-        if not views.is_identity:  # the reference side: the generated image's views at the reciprocal scales
-            x = generated.float()
-            if tuple(x.shape[-2:]) != (gh * p, gw * p):
-                x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=True)
-            inverse = views.inverse()
-            gen_keys = torch.cat([self.features(v).flatten(1, 2) for v in view_images(x, inverse, (p, p))], dim=1)
-            gen_mask = view_masks(inverse, (gh * p, gw * p), self.grid_size, batch=gf.shape[0]).flatten(1)
+        # the reference side: the generated image's views at the reciprocal scales
+        gen_keys, gen_mask = (gf, None) if views.is_identity else self._view_keys(generated, views.inverse())
         sim_ref = patch_match_reference(rf, gen_keys, gen_mask).view(-1, gh, gw)
         return QualityMaps(self.calibration(sim_gen), self.calibration(sim_ref), sim_gen, sim_ref, None)
+
+    def _view_keys(self, images: torch.Tensor, views: ReferenceViews) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell vectors of every view of ``images`` side by side ``(B, V * gh * gw, D)`` and their candidate mask."""
+        gh, gw = self.grid_size
+        p = self.patch_px
+        x = images.float()
+        if tuple(x.shape[-2:]) != (gh * p, gw * p):
+            x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", align_corners=False, antialias=True)
+        keys = torch.cat([self.features(v).flatten(1, 2) for v in view_images(x, views, (p, p))], dim=1)
+        return keys, view_masks(views, (gh * p, gw * p), self.grid_size, batch=x.shape[0]).flatten(1)
