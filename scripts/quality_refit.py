@@ -25,6 +25,7 @@ from patchdpo_fast.errors import UserError
 from patchdpo_fast.quality.estimator import CONFIG_NAME, PatchQualityEstimator
 from patchdpo_fast.quality.images import load_photos, parse_subjects
 from patchdpo_fast.quality.reference_views import add_view_arguments, views_from_arguments
+from patchdpo_fast.utils import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     extra.setdefault("refits", []).append(refit)
     # only the settings change: quality_config.json is replaced atomically, the backbone files stay as they are
-    cfg = {**est.config_dict(), "extra": extra}
-    tmp = cfg_file.with_name(cfg_file.name + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(cfg_file)
+    atomic_write_json(cfg_file, {**est.config_dict(), "extra": extra})
     c = est.calibration
     print(
         f"quality_refit: {folder}: {', '.join(k for k in changed if k != 'calibration') or 'no setting'} changed; "

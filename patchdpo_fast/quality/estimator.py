@@ -56,7 +56,7 @@ from patchdpo_fast.quality.backbone import (
 from patchdpo_fast.quality.matching import patch_match
 from patchdpo_fast.quality.reference_views import ReferenceViews, view_images, view_masks
 from patchdpo_fast.quality.sharpness import local_sharpness, sharpness_embedding
-from patchdpo_fast.utils import set_default_permissions
+from patchdpo_fast.utils import atomic_write_json, set_default_permissions
 
 __all__ = [
     "CONFIG_NAME",
@@ -340,9 +340,7 @@ class PatchQualityEstimator(nn.Module):
         cfg = self.config_dict()
         if extra:
             cfg["extra"] = extra
-        tmp = folder / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        tmp.replace(folder / CONFIG_NAME)
+        atomic_write_json(folder / CONFIG_NAME, cfg)
         return folder
 
     # ------------------------------------------------------------------------------------------------ properties
